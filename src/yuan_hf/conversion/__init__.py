@@ -1,0 +1,1 @@
+"""Converters from IEIT's checkpoint formats to the native layout."""

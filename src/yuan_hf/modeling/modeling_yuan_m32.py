@@ -1,0 +1,615 @@
+"""PyTorch Yuan 2.0-M32: a native transformers 5 port of IEIT's mixture-of-experts LLM.
+
+Self-contained (imports only torch, transformers and its sibling config by relative import) because this
+file ships to the Hub as remote code. Read top to bottom in data-flow order: norm, rotary, localized
+filtering, attention, router, experts, MoE block, decoder layer, pretrained base, model, causal LM.
+
+Unlike Llama-style models, each layer first runs a *localized filtering* (LF) gate: two causal 2-tap
+convolutions over time whose output feeds Q and K (V comes from the unfiltered input). Unlike Mixtral,
+the router is an *attention router*: an E x E attention over the expert axis, in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_yuan_m32 import YuanM32Config
+
+logger = logging.get_logger(__name__)
+
+# Length of the LF gate's receptive field minus one: the conv state keeps the last two LF inputs.
+LF_CONV_STATE = 2
+
+
+class YuanM32RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (as Llama's)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class YuanM32RotaryEmbedding(nn.Module):
+    """cos/sin for the first `rotary_dim` dims of each head, computed per position (no table, no length cap).
+
+    With `config.rope_in_bfloat16` it reproduces IEIT remote code's bf16 tables bit for bit:
+    `inv = bf16(1/base^(2j/rot))`, `t = bf16(position)`, `cos = bf16(cos(bf16(t * inv)))`, returned in fp32.
+    """
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: YuanM32Config, device: torch.device | None = None):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        self._warned_long = False
+
+    @staticmethod
+    def compute_default_rope_parameters(config: YuanM32Config, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.rotary_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: [b, s] -> cos, sin: [b, s, rotary_dim]
+        if not self._warned_long and not torch.compiler.is_compiling():
+            longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
+            if longest > self.original_max_seq_len:
+                logger.warning_once(
+                    f"Yuan 2.0-M32: positions up to {longest} exceed max_position_embeddings "
+                    f"({self.original_max_seq_len}); RoPE is computed for them, but quality beyond the trained "
+                    "length is not guaranteed (see yuan_hf.finetune.extend_context)."
+                )
+                self._warned_long = True
+        if self.config.rope_in_bfloat16:
+            inv = self.inv_freq.to(x.device, torch.bfloat16)
+            freqs = position_ids[..., None].to(torch.bfloat16) * inv  # bf16 product, as IEIT's einsum
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().float().to(x.dtype), emb.sin().float().to(x.dtype)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_partial_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first `cos.shape[-1]` dims of each head (NeoX rotate-half); the rest pass through.
+
+    q, k: [b, heads, s, head_dim]; cos, sin: [b, s, rotary_dim].
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot = cos.shape[-1]
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    q_rot = q_rot * cos + rotate_half(q_rot) * sin
+    k_rot = k_rot * cos + rotate_half(k_rot) * sin
+    return torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
+
+
+class YuanM32LocalizedFiltering(nn.Module):
+    """Yuan's LF gate: `RMSNorm(conv2(conv1(x)) + x)` with two causal 2-tap convolutions (H -> H/2 -> H).
+
+    `o1[t] = W1[..., 0] x[t-1] + W1[..., 1] x[t] + b1` and `o2[t] = W2[..., 0] o1[t-1] + W2[..., 1] o1[t] + b2`,
+    with zero (not bias) before a sequence's first token. Output t depends on inputs t-2..t, so decoding
+    keeps the last two LF inputs in the cache's conv state. The "previous" taps are switched off where a
+    sequence starts (`position_ids == 0`: the start of a prompt, of each packed document, or the first real
+    token after left padding), so padding and neighbouring documents never leak in.
+    """
+
+    def __init__(self, config: YuanM32Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        hidden = config.hidden_size
+        self.conv1 = nn.Conv1d(hidden, hidden // 2, kernel_size=2)  # weight [H/2, H, 2]: taps (t-1, t)
+        self.conv2 = nn.Conv1d(hidden // 2, hidden, kernel_size=2)  # weight [H, H/2, 2]
+        self.output_layernorm = YuanM32RMSNorm(hidden, eps=config.rms_norm_eps)
+
+    @staticmethod
+    def _causal_conv(window: torch.Tensor, conv: nn.Conv1d, has_prev: torch.Tensor) -> torch.Tensor:
+        """window: [b, n+1, C_in] (inputs t-1..t+n-1 ... one step of left context) -> [b, n, C_out].
+
+        Output j uses window[j] (previous, gated by has_prev[:, j]) and window[j+1] (current).
+        """
+        current = F.linear(window[:, 1:], conv.weight[..., 1], conv.bias)
+        previous = F.linear(window[:, :-1], conv.weight[..., 0])
+        return current + previous * has_prev[..., None].to(previous.dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        has_prev: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        # hidden_states: [b, s, H]; has_prev: [b, s] bool; padding_mask: [b, s] (1 = real token) or None
+        seq_len = hidden_states.shape[1]
+        if padding_mask is not None:
+            hidden_states = hidden_states * padding_mask[..., None].to(hidden_states.dtype)
+        has_prev_state = past_key_values is not None and past_key_values.has_previous_state(self.layer_idx)
+        window = hidden_states
+        if past_key_values is not None:
+            # the cache stores LF inputs channels-first: [b, H, time]; it returns the state followed by the new steps
+            window = past_key_values.update_conv_state(
+                hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=LF_CONV_STATE
+            ).transpose(1, 2)
+        # exactly two steps of left context (zeros when there is no state): [b, s + 2, H]
+        window = window[:, -(seq_len + LF_CONV_STATE) :]
+        window = F.pad(window, (0, 0, seq_len + LF_CONV_STATE - window.shape[1], 0))
+        if not has_prev_state:
+            # o1 of the step before the first one is zero, not conv1's bias
+            has_prev = has_prev.clone()
+            has_prev[:, 0] = False
+        # has_prev of the step before the chunk: its own left context is already zero where it must be
+        prev_gate = torch.cat([has_prev.new_ones(has_prev.shape[0], 1), has_prev], dim=1)
+        o1 = self._causal_conv(window, self.conv1, prev_gate)  # [b, s + 1, H/2]: steps -1 .. s-1
+        if padding_mask is not None:  # o1 of a padding step is zero too (it would carry conv1's bias)
+            o1 = o1 * F.pad(padding_mask, (1, 0), value=1)[..., None].to(o1.dtype)
+        o2 = self._causal_conv(o1, self.conv2, has_prev)  # [b, s, H]
+        return self.output_layernorm(o2 + hidden_states)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[b, kv_heads, s, d] -> [b, kv_heads * n_rep, s, d]."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class YuanM32Attention(nn.Module):
+    """Causal attention whose Q and K come from the LF gate's output and V from the unfiltered input.
+
+    head_dim is 256 for the release (attention width 2H); RoPE rotates the first half of each head and the
+    softmax scale is 1/sqrt(head_dim).
+    """
+
+    def __init__(self, config: YuanM32Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.lf_gate = YuanM32LocalizedFiltering(config, layer_idx)
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        lf_has_prev: torch.Tensor,
+        lf_padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, kv, s, d]
+        filtered = self.lf_gate(hidden_states, lf_has_prev, lf_padding_mask, past_key_values)
+        query_states = self.q_proj(filtered).view(hidden_shape).transpose(1, 2)  # [b, heads, s, d]
+        key_states = self.k_proj(filtered).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_partial_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class YuanM32Router(nn.Module):
+    """Shared top-k routing: `softmax(logits) -> top-k -> renormalise` (= Megatron's top-k then softmax)."""
+
+    def __init__(self, config: YuanM32Config):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states: [T, H] -> router_logits [T, E] fp32, weights [T, k] (hidden dtype), expert ids [T, k]."""
+        router_logits = self.compute_logits(hidden_states)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+
+class YuanM32AttentionRouter(YuanM32Router):
+    """Yuan's attention router, in fp32: three H -> E projections, then per token an E x E attention
+    `A = softmax_j(q_i * k_j)` (no scaling) and `logits_i = sum_j A_ij v_j`."""
+
+    def __init__(self, config: YuanM32Config):
+        super().__init__(config)
+        self.query = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.key = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.value = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.to(self.query.weight.dtype)  # fp32 unless the whole model was cast
+        q = self.query(hidden_states).float()  # [T, E]
+        k = self.key(hidden_states).float()
+        v = self.value(hidden_states).float()
+        attn = F.softmax(q[:, :, None] * k[:, None, :], dim=-1)  # [T, E, E]
+        return torch.matmul(attn, v[:, :, None]).squeeze(-1)  # [T, E]
+
+
+class YuanM32LinearRouter(YuanM32Router):
+    """The classic softmax gate (`router_type="linear"`), for ablations and other checkpoints."""
+
+    def __init__(self, config: YuanM32Config):
+        super().__init__(config)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states.to(self.weight.dtype), self.weight).float()
+
+
+ROUTER_CLASSES = {"attention": YuanM32AttentionRouter, "linear": YuanM32LinearRouter}
+
+
+class YuanM32MLP(nn.Module):
+    """One SwiGLU expert: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, config: YuanM32Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.moe_intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class YuanM32Experts(nn.ModuleList):
+    """Per-expert `nn.Linear`s (so bitsandbytes quantizes them and PEFT targets them by name) with a
+    sort-based dispatch: one sort of the token-expert pairs, one host sync per layer for the group sizes,
+    contiguous slices per expert, one weighted scatter-add back. No one-hot masks, no sync per expert."""
+
+    def __init__(self, config: YuanM32Config):
+        super().__init__([YuanM32MLP(config) for _ in range(config.num_experts)])
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states: [T, H]; top_k_index, top_k_weights: [T, k] -> [T, H]."""
+        top_k = top_k_index.shape[-1]
+        flat_experts = top_k_index.reshape(-1)  # [T*k]
+        order = torch.argsort(flat_experts, stable=True)  # token-expert pairs grouped by expert
+        token_idx = order // top_k
+        group_sizes = torch.bincount(flat_experts, minlength=len(self)).tolist()  # the one host sync
+        routed = hidden_states[token_idx].split(group_sizes)  # E slices of [n_e, H]
+        # with gradients on, every expert runs (empty slices included) so DDP/FSDP see all parameters used
+        run_all = torch.is_grad_enabled()
+        outputs = [expert(x) for expert, x, n in zip(self, routed, group_sizes) if n or run_all]
+        expert_out = torch.cat(outputs) if outputs else hidden_states.new_zeros(0, hidden_states.shape[-1])
+        expert_out = expert_out * top_k_weights.reshape(-1)[order, None].to(expert_out.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, token_idx, expert_out.to(hidden_states.dtype))
+
+
+class YuanM32SparseMoeBlock(nn.Module):
+    """Router + experts, top-2 of 32, no shared expert, no capacity limit."""
+
+    def __init__(self, config: YuanM32Config):
+        super().__init__()
+        self.gate = ROUTER_CLASSES[config.router_type](config)
+        self.experts = YuanM32Experts(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, hidden_dim = hidden_states.shape
+        flat = hidden_states.view(-1, hidden_dim)  # [T, H]
+        _, top_k_weights, top_k_index = self.gate(flat)
+        return self.experts(flat, top_k_index, top_k_weights).view(batch_size, seq_len, hidden_dim)
+
+
+class YuanM32DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: YuanM32Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = YuanM32Attention(config, layer_idx)
+        self.mlp = YuanM32SparseMoeBlock(config)
+        self.input_layernorm = YuanM32RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = YuanM32RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        lf_has_prev: torch.Tensor,
+        lf_padding_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            lf_has_prev=lf_has_prev,
+            lf_padding_mask=lf_padding_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class YuanM32PreTrainedModel(PreTrainedModel):
+    config_class = YuanM32Config
+    config: YuanM32Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["YuanM32DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules = ["mlp.gate"]  # the attention router runs in fp32, as in IEIT's training
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the MoE dispatch syncs once per layer for the group sizes
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(YuanM32Router, index=0),
+        "hidden_states": YuanM32DecoderLayer,
+        "attentions": YuanM32Attention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, YuanM32LinearRouter):
+            module.weight.normal_(mean=0.0, std=std)
+        elif isinstance(module, nn.Conv1d):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+class YuanM32Model(YuanM32PreTrainedModel):
+    def __init__(self, config: YuanM32Config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [YuanM32DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = YuanM32RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = YuanM32RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(
+                "past_key_values must be a transformers Cache (e.g. DynamicCache(config=model.config)); legacy "
+                f"tuples are not supported, got {type(past_key_values).__name__}"
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        if isinstance(attention_mask, dict):  # prepared by generate (static cache): one mask per kind of layer
+            causal_mask = attention_mask["full_attention"]
+            lf_padding_mask = attention_mask.get("linear_attention")
+        else:
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            causal_mask = create_causal_mask(**mask_kwargs)
+            lf_padding_mask = create_recurrent_attention_mask(**mask_kwargs)
+        # a token has an LF predecessor unless it starts a sequence (prompt, packed document, after padding)
+        lf_has_prev = (position_ids != 0).expand(inputs_embeds.shape[0], -1)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                lf_has_prev=lf_has_prev,
+                lf_padding_mask=lf_padding_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: YuanM32Config):
+        super().__init__(config)
+        self.model = YuanM32Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | dict | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        r"""Causal LM forward. `labels` ([b, s], -100 = ignored) are shifted inside, as in every transformers LM.
+
+        With `output_router_logits` (or `config.output_router_logits`) the load-balancing aux loss is
+        returned and, when `router_aux_loss_coef > 0`, added to the loss.
+        """
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        aux_loss = None
+        if output_router_logits:
+            padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, padding_mask
+            )
+            if labels is not None and self.config.router_aux_loss_coef > 0:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+__all__ = ["YuanM32PreTrainedModel", "YuanM32Model", "YuanM32ForCausalLM"]
