@@ -39,6 +39,8 @@ class YuanM32Config(PretrainedConfig):
         sep_token_id: `<sep>`, separating prompt and answer in IEIT's instruct format.
         output_router_logits: Return router logits (and the aux loss) by default.
         router_aux_loss_coef: Weight of the load-balancing loss added to the LM loss (0: IEIT trained without).
+        loss_chunk_size: With labels, compute the LM loss this many tokens at a time so the [tokens, vocab] fp32
+            logits are never materialised (0: the standard full-logits loss, logits returned).
         layer_types: Must be `["hybrid"] * num_hidden_layers`: each layer caches K/V plus the LF-gate conv state.
     """
 
@@ -88,6 +90,7 @@ class YuanM32Config(PretrainedConfig):
         sep_token_id: int | None = 77187,
         output_router_logits: bool = False,
         router_aux_loss_coef: float = 0.0,
+        loss_chunk_size: int = 4096,
         layer_types: list[str] | None = None,
         **kwargs,
     ):
@@ -116,6 +119,7 @@ class YuanM32Config(PretrainedConfig):
         self.sep_token_id = sep_token_id
         self.output_router_logits = output_router_logits
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.loss_chunk_size = loss_chunk_size
         self.layer_types = ["hybrid"] * num_hidden_layers if layer_types is None else list(layer_types)
         super().__init__(
             bos_token_id=bos_token_id,
@@ -158,6 +162,10 @@ class YuanM32Config(PretrainedConfig):
         if not isinstance(self.router_aux_loss_coef, (int, float)) or self.router_aux_loss_coef < 0:
             raise ValueError(
                 f"YuanM32Config.router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}"
+            )
+        if not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or self.loss_chunk_size < 0:
+            raise ValueError(
+                f"YuanM32Config.loss_chunk_size must be an integer >= 0 (0 disables chunking), got {self.loss_chunk_size!r}"
             )
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"YuanM32Config.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")

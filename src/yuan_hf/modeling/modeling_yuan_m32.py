@@ -11,7 +11,6 @@ the router is an *attention router*: an E x E attention over the expert axis, in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -540,6 +539,45 @@ class YuanM32Model(YuanM32PreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
+def _chunk_loss_sum(hidden_chunk: torch.Tensor, labels_chunk: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+    """Sum of token cross-entropies for one chunk; its fp32 logits live only inside this call."""
+    logits = lm_head(hidden_chunk).float()  # [n, V]
+    return F.cross_entropy(logits, labels_chunk, ignore_index=-100, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    *,
+    chunk_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal-LM loss equal to transformers' `ForCausalLMLoss`, computed `chunk_size` tokens at a time.
+
+    hidden_states: [b, s, H]; labels: [b, s] (-100 = ignored; shifted here unless `shift_labels` is given).
+    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so at most one
+    [chunk_size, V] fp32 logits tensor exists at any time instead of [b * s, V].
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [b*s, H]
+    targets = shift_labels.reshape(-1).to(hidden.device)  # [b*s]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, h, t, lm_head, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(h, t, lm_head)
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets != -100).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
 class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -568,6 +606,10 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast:
         r"""Causal LM forward. `labels` ([b, s], -100 = ignored) are shifted inside, as in every transformers LM.
 
+        With labels and `config.loss_chunk_size > 0` (the default, 4096 tokens) the loss is computed in chunks
+        and the full logits are never built: `logits` is then `None` unless `logits_to_keep` asks for some
+        positions. Set `config.loss_chunk_size = 0` for the standard path (full logits returned with the loss).
+
         With `output_router_logits` (or `config.output_router_logits`) the load-balancing aux loss is
         returned and, when `router_aux_loss_coef > 0`, added to the loss.
         """
@@ -585,12 +627,22 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        chunk = self.config.loss_chunk_size
+        logits = loss = None
+        if labels is not None and chunk:
+            # memory-lean path: no [b*s, V] fp32 logits; `logits` is returned only for positions asked for
+            loss = chunked_causal_lm_loss(
+                hidden_states, labels, self.lm_head, chunk_size=chunk,
+                num_items_in_batch=kwargs.get("num_items_in_batch"), shift_labels=kwargs.get("shift_labels"),
+            )  # fmt: skip
+            if logits_to_keep:
+                slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+                logits = self.lm_head(hidden_states[:, slice_indices, :])
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
         aux_loss = None
         if output_router_logits:
