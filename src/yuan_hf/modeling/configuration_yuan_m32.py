@@ -179,8 +179,8 @@ class YuanM32Config(PretrainedConfig):
         if not isinstance(theta, (int, float)) or theta <= 1:
             raise ValueError(f"YuanM32Config.rope_parameters['rope_theta'] must be a number > 1, got {theta!r}")
         factor = rope.get("partial_rotary_factor", 1.0)
-        rotary_dim = int(self.head_dim * factor)
-        if not 0 < factor <= 1 or rotary_dim % 2:
+        rotary_dim = self.head_dim * factor
+        if not 0 < factor <= 1 or rotary_dim != int(rotary_dim) or int(rotary_dim) % 2:
             raise ValueError(
                 "YuanM32Config.rope_parameters['partial_rotary_factor'] must be in (0, 1] and give an even "
                 f"rotary dimension; got {factor} x head_dim {self.head_dim} = {rotary_dim}"

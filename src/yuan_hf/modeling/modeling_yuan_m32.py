@@ -440,7 +440,7 @@ class YuanM32PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["YuanM32DecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    _keep_in_fp32_modules = ["mlp.gate"]  # the attention router runs in fp32, as in IEIT's training
+    _keep_in_fp32_modules_strict = ["mlp.gate"]  # the router runs in fp32 (as IEIT trained it), also under bf16
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -499,7 +499,8 @@ class YuanM32Model(YuanM32PreTrainedModel):
             )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
+        fresh_cache = use_cache and past_key_values is None
+        if fresh_cache:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -514,7 +515,9 @@ class YuanM32Model(YuanM32PreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                # a cache we just created is empty: masks are the same without it, and packed sequences
+                # (position_ids restarting, no attention mask) are only detected without a cache
+                "past_key_values": None if fresh_cache else past_key_values,
                 "position_ids": position_ids,
             }
             causal_mask = create_causal_mask(**mask_kwargs)

@@ -1,0 +1,630 @@
+"""IEIT's Yuan 2.0 SentencePiece ``tokenizer.model`` -> a complete Hugging Face *fast* tokenizer folder.
+
+What IEIT documents (and what ``shared/fixtures/tokenizer/tokenizer_reference.json`` was made with)::
+
+    tok = LlamaTokenizer.from_pretrained(dir, add_eos_token=False, add_bos_token=False, eos_token="<eod>")
+    tok.add_tokens(YUAN_EXTRA_TOKENS, special_tokens=True)   # transformers 4.x, slow, legacy=True
+
+:func:`convert_tokenizer` reproduces that setup as a self-contained ``tokenizer.json`` +
+``tokenizer_config.json`` (+ ``chat_template.jinja``, ``special_tokens_map.json`` when transformers
+writes them) that plain ``AutoTokenizer.from_pretrained(dst)`` loads as a fast tokenizer, with neither
+``yuan_hf`` nor ``sentencepiece`` needed at load time.
+
+How (and why this way)
+----------------------
+* **Conversion machinery.** The ``tokenizers`` pipeline is assembled by transformers' own
+  ``LlamaConverter`` in its ``legacy=True`` form: normalizer ``Prepend("▁") + Replace(" ", "▁")``, no
+  pre-tokenizer, byte-fallback BPE, decoder ``Replace("▁", " ") + ByteFallback + Fuse + Strip(1 left)``.
+  The legacy normalizer runs on every stretch of text *between* added tokens, exactly like the slow
+  legacy tokenizer, which calls SentencePiece (with its dummy prefix) once per stretch; this is where the
+  reference's lone ``▁`` (29871) after ``<sep>`` comes from. (transformers 5's own ``LlamaTokenizer``
+  class cannot be used as the saved class: it rebuilds the pipeline with a ``Metaspace`` pre-tokenizer,
+  which does not prepend ``▁`` to a stretch that already starts with a space, so ``" "`` would become
+  ``[29871]`` instead of IEIT's ``[259]``. The folder therefore names ``TokenizersBackend``, which loads
+  ``tokenizer.json`` verbatim.)
+* **Reading the ``.model`` file** needs no ``protobuf`` (which transformers' ``SentencePieceExtractor``
+  requires and this project does not depend on): a small reader below decodes the few ``ModelProto``
+  fields used, and ``sentencepiece`` itself validates the file and is cross-checked against the reader.
+* **Merge order.** SentencePiece BPE merges the adjacent pair whose *result* has the highest score and
+  breaks ties by position (leftmost). A ``tokenizers`` BPE can only rank merges globally. The merges are
+  the pairs transformers' ``generate_merges`` enumerates, ranked by score and, within equal scores, by
+  the id of the merged piece (for a SentencePiece-trained vocabulary scores are distinct and this is
+  exactly the training order). IEIT appended ~100k pieces to the Llama vocabulary, nearly all with the
+  *same* score (0.0 or -13.05), so ties are common: the fast tokenizer equals the reference on all of
+  its samples, but on arbitrary text it can pick a different (equally valid) segmentation. Measured
+  against ``sentencepiece`` on 5-line code snippets about 5 % of snippets, and on Chinese prose about
+  6 % of 3-line chunks, contain at least one different token (transformers' default tie order gives
+  10 % / 8 %). No ranking of merges can reproduce position-based ties exactly. The original
+  ``tokenizer.model`` is copied into the output, so exact training-time ids stay available with
+  ``sentencepiece`` or ``transformers.SentencePieceBackend.from_pretrained(dst)``.
+
+Settings (decisions)
+--------------------
+* ``bos_token="<s>"`` (1, never added automatically), ``eos_token="<eod>"`` (77185),
+  ``unk_token="<unk>"`` (0), ``sep_token="<sep>"`` (77187), ``add_bos_token=False``,
+  ``add_eos_token=False``, ``clean_up_tokenization_spaces=False`` (IEIT's values).
+* ``pad_token="<pad>"`` (77188). IEIT's setup has no pad token and its generation config pads with
+  ``<eod>``; pad == eos makes batched generation and training collators mask real end-of-document
+  tokens, so the dedicated ``<pad>`` (already in the vocabulary) is used.
+* ``padding_side="left"``: Yuan is decoder-only; batched generation needs the prompt ends aligned.
+  Training collators that want right padding set it themselves.
+* The 15 extra tokens of IEIT's docs are special added tokens with IEIT's ids: 10 already exist in the
+  SentencePiece vocabulary, 5 are appended (``<mask>`` 134953 ... ``<FIM_MIDDLE>`` 134957), so
+  ``len(tokenizer) == 134958``. ``<n>`` (77186) is *not* added: IEIT's setup does not add it either.
+* **Chat template** (stored as ``tokenizer.chat_template``): IEIT's instruct format
+  ``prompt<sep>answer<eod>``. Multi-turn history is IEIT's ``q1<n>a1<n>q2<sep>``, where ``<n>`` is the
+  *line-break escape of IEIT's data files*: ``tools/preprocess_data_yuan.py`` and the eval scripts replace
+  ``<n>`` by ``"\\n"`` before tokenizing, so the model saw a newline (``<0x0A>``, id 13), never the
+  vocabulary piece ``<n>`` (77186). The template therefore joins turns with ``"\\n"``:
+  ``q1\\na1\\nq2<sep>a2<eod>``. (FastChat's ``yuan2`` template passes the literal text ``<n>``, which
+  tokenizes as the pieces ``<``, ``n``, ``>``; that is neither of the two.) ``add_generation_prompt=True``
+  appends ``<sep>``; an assistant answer after the last user turn ends with ``<eod>`` and is wrapped in
+  ``{% generation %}`` so ``return_assistant_tokens_mask`` / TRL's assistant-only loss work. A system
+  message (first only) is prepended to the first user turn followed by ``"\\n"`` (as FastChat does);
+  Yuan was not trained with system prompts. Roles must alternate user/assistant, starting with user.
+
+Decoding differences from IEIT's slow legacy tokenizer (pinned by ``tests/test_tokenizer.py``)
+------------------------------------------------------------------------------------------------
+Encoding (``input_ids``) is identical on every reference sample; decoding differs in three ways:
+
+1. The slow tokenizer joins special tokens to the text with a space *before* each special token that
+   follows ordinary text (``"c <FIM_MIDDLE>"``); the fast one does not (``"c<FIM_MIDDLE>"``), so
+   ``spaces_between_special_tokens`` has no effect.
+2. The lone ``▁`` that encoding puts at the start of a stretch after a special token decodes to a space
+   in both; but the slow tokenizer also keeps the space produced by a leading ``▁`` of the whole
+   sequence when the first token is the lone ``▁`` (``" 用户：…"``), whereas the fast decoder strips one
+   leading space (``"用户：…"``).
+3. ``skip_special_tokens=True`` removes the special tokens and nothing else in the fast tokenizer, so the
+   ``▁`` after a removed special token stays as a space, exactly as in the slow one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from .common import ConversionError, atomic_output_dir
+
+__all__ = [
+    "DEMO_TEXT",
+    "EOD_TOKEN",
+    "PAD_TOKEN",
+    "SEP_TOKEN",
+    "YUAN_CHAT_TEMPLATE",
+    "YUAN_EXTRA_TOKENS",
+    "SentencePieceModel",
+    "build_demo_tokenizer",
+    "convert_tokenizer",
+    "read_sentencepiece_model",
+]
+
+EOD_TOKEN = "<eod>"
+SEP_TOKEN = "<sep>"
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<s>"
+UNK_TOKEN = "<unk>"
+
+#: The tokens IEIT's docs add with ``add_tokens(..., special_tokens=True)``, in IEIT's order (the order
+#: decides the ids of those missing from the SentencePiece vocabulary).
+YUAN_EXTRA_TOKENS: tuple[str, ...] = (
+    "<sep>",
+    "<pad>",
+    "<mask>",
+    "<predict>",
+    "<FIM_SUFFIX>",
+    "<FIM_PREFIX>",
+    "<FIM_MIDDLE>",
+    "<commit_before>",
+    "<commit_msg>",
+    "<commit_after>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<empty_output>",
+)
+
+#: Jinja chat template for IEIT's instruct format; see the module docstring for the decisions.
+YUAN_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_message = none -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- if not loop_messages -%}"
+    "{{- raise_exception('Yuan chat template: the conversation needs at least one user message') -}}"
+    "{%- endif -%}"
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] not in ['user', 'assistant'] -%}"
+    "{{- raise_exception('Yuan chat template: unsupported role ' ~ message['role'] ~ "
+    "' (only one leading system message, then user/assistant)') -}}"
+    "{%- endif -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Yuan chat template: roles must alternate user/assistant, starting with user') -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is not string -%}"
+    "{{- raise_exception('Yuan chat template: message content must be a string') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if system_message is not none -%}{{- system_message ~ '\\n' -}}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if loop.index0 <= ns.last_user -%}"
+    "{%- if loop.index0 > 0 -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{{- '<sep>' -}}"
+    "{%- generation -%}{{- message['content'] ~ '<eod>' -}}{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt and loop_messages[-1]['role'] == 'user' -%}{{- '<sep>' -}}{%- endif -%}"
+)
+
+# SentencePiece ModelProto field numbers (sentencepiece_model.proto, proto2; absent = default).
+_PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_CONTROL, _PIECE_USER_DEFINED, _PIECE_UNUSED, _PIECE_BYTE = 1, 2, 3, 4, 5, 6
+_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
+
+
+@dataclass(frozen=True)
+class SentencePiecePiece:
+    piece: str
+    score: float = 0.0
+    type: int = _PIECE_NORMAL
+
+
+@dataclass(frozen=True)
+class SentencePieceTrainerSpec:
+    model_type: int = 1
+    byte_fallback: bool = False
+    treat_whitespace_as_suffix: bool = False
+    unk_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = -1
+    unk_piece: str = "<unk>"
+
+
+@dataclass(frozen=True)
+class SentencePieceNormalizerSpec:
+    name: str = ""
+    precompiled_charsmap: bytes = b""
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+
+
+@dataclass(frozen=True)
+class SentencePieceModel:
+    """The parts of a SentencePiece ``ModelProto`` the conversion uses (duck-types the protobuf object)."""
+
+    pieces: tuple[SentencePiecePiece, ...]
+    trainer_spec: SentencePieceTrainerSpec = field(default_factory=SentencePieceTrainerSpec)
+    normalizer_spec: SentencePieceNormalizerSpec = field(default_factory=SentencePieceNormalizerSpec)
+
+    def piece_to_id(self) -> dict[str, int]:
+        return {p.piece: i for i, p in enumerate(self.pieces)}
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _read_field(buf: bytes, pos: int, end: int) -> tuple[int, int | bytes, int]:
+    """Read one protobuf field at ``pos``: ``(number, value, next_pos)``; varints as int, the rest as bytes."""
+    key, pos = _varint(buf, pos)
+    number, wire_type = key >> 3, key & 7
+    if number == 0:
+        raise ValueError("field number 0")
+    if wire_type == 0:
+        value, pos = _varint(buf, pos)
+        return number, value, pos
+    if wire_type == 2:
+        size, pos = _varint(buf, pos)
+    elif wire_type in (1, 5):
+        size = 8 if wire_type == 1 else 4
+    else:
+        raise ValueError(f"unsupported wire type {wire_type}")
+    if pos + size > end:
+        raise ValueError("truncated field")
+    return number, buf[pos : pos + size], pos + size
+
+
+def _proto_fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int | bytes]]:
+    """Yield ``(field_number, value)`` for the message stored in ``buf[start:end]``."""
+    pos = start
+    while pos < end:
+        number, value, pos = _read_field(buf, pos, end)
+        yield number, value
+
+
+def _parse_piece(buf: bytes, pos: int, end: int) -> SentencePiecePiece:
+    """One ``SentencePiece`` message (piece=1 string, score=2 float, type=3 enum); fast path, ~135k calls."""
+    text: str | None = None
+    score, kind = 0.0, _PIECE_NORMAL
+    while pos < end:
+        key = buf[pos]
+        if key == 0x0A:  # field 1, length-delimited
+            size, pos = _varint(buf, pos + 1)
+            if pos + size > end:
+                raise ValueError("truncated piece")
+            text = buf[pos : pos + size].decode("utf-8")
+            pos += size
+        elif key == 0x15:  # field 2, fixed32
+            if pos + 5 > end:
+                raise ValueError("truncated score")
+            score = struct.unpack_from("<f", buf, pos + 1)[0]
+            pos += 5
+        elif key == 0x18:  # field 3, varint
+            kind, pos = _varint(buf, pos + 1)
+        else:  # a field this reader does not use
+            _, _, pos = _read_field(buf, pos, end)
+    if text is None:
+        raise ValueError("a piece has no text")
+    return SentencePiecePiece(text, score, kind)
+
+
+def _int32(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def read_sentencepiece_model(path: str | os.PathLike) -> SentencePieceModel:
+    """Parse the fields of a SentencePiece ``.model`` file that the conversion needs (no protobuf needed).
+
+    Raises :class:`ConversionError` if the file cannot be read as a SentencePiece model.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    pieces: list[SentencePiecePiece] = []
+    trainer: dict[str, Any] = {}
+    normalizer: dict[str, Any] = {}
+    trainer_fields = {3: "model_type", 24: "treat_whitespace_as_suffix", 35: "byte_fallback", 40: "unk_id",
+                      41: "bos_id", 42: "eos_id", 43: "pad_id", 45: "unk_piece"}  # fmt: skip
+    normalizer_fields = {1: "name", 2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
+                         5: "escape_whitespaces"}  # fmt: skip
+    try:
+        pos, end = 0, len(data)
+        while pos < end:
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type != 2:  # every ModelProto field is a message
+                raise ValueError(f"field {number} has wire type {wire_type}, not a message")
+            size, pos = _varint(data, pos)
+            if pos + size > end:
+                raise ValueError("truncated message")
+            if number == 1:
+                pieces.append(_parse_piece(data, pos, pos + size))
+            elif number in (2, 3):
+                names, target = (trainer_fields, trainer) if number == 2 else (normalizer_fields, normalizer)
+                for n, value in _proto_fields(data, pos, pos + size):
+                    if n in names:
+                        target[names[n]] = value
+            pos += size
+        for key in ("unk_id", "bos_id", "eos_id", "pad_id"):
+            if key in trainer:
+                trainer[key] = _int32(trainer[key])
+        for spec, flags in ((trainer, ("byte_fallback", "treat_whitespace_as_suffix")),
+                            (normalizer, ("add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"))):  # fmt: skip
+            for flag in flags:
+                if flag in spec:
+                    spec[flag] = bool(spec[flag])
+        for spec, key in ((trainer, "unk_piece"), (normalizer, "name")):
+            if key in spec:
+                spec[key] = bytes(spec[key]).decode("utf-8")
+        if "precompiled_charsmap" in normalizer:
+            normalizer["precompiled_charsmap"] = bytes(normalizer["precompiled_charsmap"])
+        if not pieces:
+            raise ValueError("no vocabulary pieces")
+        model = SentencePieceModel(tuple(pieces), SentencePieceTrainerSpec(**trainer), SentencePieceNormalizerSpec(**normalizer))
+    except (ValueError, TypeError, UnicodeDecodeError, struct.error) as err:
+        raise ConversionError(
+            f"{path} is not a readable SentencePiece model ({err}); expected IEIT's tokenizer.model "
+            "(a truncated download or a Git LFS pointer file fails this way: re-download it)"
+        ) from None
+    return model
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConversionError(f"cannot read {path}: {err.strerror or err}") from None
+
+
+def _resolve_source(src: str | os.PathLike) -> Path:
+    src = Path(src)
+    if src.is_dir():
+        model = src / "tokenizer.model"
+        if not model.is_file():
+            raise ConversionError(
+                f"{src} has no tokenizer.model; pass the folder holding IEIT's SentencePiece tokenizer.model "
+                "(the tokenizer/ folder of IEIT's repository or the HF checkpoint folder) or the .model file itself"
+            )
+        return model
+    if src.is_file():
+        return src
+    raise ConversionError(f"tokenizer source {src} does not exist; pass IEIT's tokenizer.model or its folder")
+
+
+def _validate(model_file: Path, proto: SentencePieceModel) -> None:
+    """Check the model with ``sentencepiece`` itself and against what the conversion reproduces."""
+    import sentencepiece as spm
+
+    try:
+        processor = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError) as err:
+        raise ConversionError(
+            f"{model_file} is not a SentencePiece model (sentencepiece: {str(err).strip()}); expected IEIT's "
+            "tokenizer.model; re-download it (a Git LFS pointer or a truncated file fails this way)"
+        ) from None
+    size = processor.get_piece_size()
+    if size != len(proto.pieces) or any(processor.id_to_piece(i) != proto.pieces[i].piece for i in (0, size // 2, size - 1)):
+        raise ConversionError(f"{model_file}: sentencepiece and the model reader disagree on the vocabulary; please report this")
+    spec, norm = proto.trainer_spec, proto.normalizer_spec
+    if spec.model_type != 2:
+        raise ConversionError(
+            f"{model_file} is a {_MODEL_TYPES.get(spec.model_type, spec.model_type)} SentencePiece model; "
+            "Yuan's tokenizer is BPE and only BPE models are converted"
+        )
+    checks = {
+        "normalizer rule (expected 'identity' with no precompiled charsmap)": (norm.name in ("", "identity") and not norm.precompiled_charsmap),
+        "add_dummy_prefix (expected true)": norm.add_dummy_prefix,
+        "remove_extra_whitespaces (expected false)": not norm.remove_extra_whitespaces,
+        "escape_whitespaces (expected true)": norm.escape_whitespaces,
+        "treat_whitespace_as_suffix (expected false)": not spec.treat_whitespace_as_suffix,
+    }  # fmt: skip
+    wrong = [name for name, ok in checks.items() if not ok]
+    if wrong:
+        raise ConversionError(
+            f"{model_file} uses SentencePiece settings this Llama-legacy conversion does not reproduce: "
+            + "; ".join(wrong)
+            + ". Only Yuan-style (Llama-style) BPE models can be converted"
+        )
+    vocab = proto.piece_to_id()
+    expected_meta = {UNK_TOKEN: 0, BOS_TOKEN: 1}
+    missing = [t for t, i in expected_meta.items() if vocab.get(t) != i] + [t for t in (EOD_TOKEN,) if t not in vocab]
+    if missing:
+        raise ConversionError(
+            f"{model_file} does not look like Yuan's tokenizer: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (or not at the expected id: <unk>=0, <s>=1; "
+            "<eod> must be in the vocabulary); pass IEIT's Yuan 2.0 tokenizer.model"
+        )
+
+
+def _build_backend(proto: SentencePieceModel) -> Any:
+    """The ``tokenizers.Tokenizer`` (model, normalizer, decoder, added tokens) via transformers' LlamaConverter."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import LlamaConverter
+    from transformers.tokenization_utils_base import generate_merges
+
+    class _YuanLlamaConverter(LlamaConverter):
+        # LlamaConverter.__init__ parses the .model with protobuf; the already parsed model is handed in
+        # instead and the BPE model is built with an explicit merge order (see module docstring).
+        def __init__(self, model: SentencePieceModel) -> None:
+            self.proto = model
+            self.original_tokenizer = SimpleNamespace(
+                legacy=True, add_prefix_space=True, convert_ids_to_tokens=lambda i: model.pieces[i].piece
+            )
+
+        def tokenizer(self, proto: SentencePieceModel) -> Tokenizer:
+            vocab_scores = self.vocab(proto)
+            vocab = {piece: i for i, (piece, _) in enumerate(vocab_scores)}
+            scores = dict(vocab_scores)
+            merges = generate_merges(vocab, vocab_scores)
+            # rank: higher score of the merged piece first; ties in the order of the vocabulary
+            merges.sort(key=lambda lr: (-scores[lr[0] + lr[1]], vocab[lr[0] + lr[1]], vocab[lr[0]]))
+            tok = Tokenizer(
+                BPE(
+                    vocab,
+                    merges,
+                    unk_token=proto.trainer_spec.unk_piece,
+                    fuse_unk=True,
+                    byte_fallback=proto.trainer_spec.byte_fallback,
+                    dropout=None,
+                )
+            )
+            # as SpmConverter: control pieces are special added tokens, user-defined ones plain added tokens
+            tok.add_tokens(
+                [
+                    AddedToken(p.piece, normalized=False, special=p.type == _PIECE_CONTROL)
+                    for p in proto.pieces
+                    if p.type in (_PIECE_CONTROL, _PIECE_USER_DEFINED)
+                ]
+            )
+            return tok
+
+    return _YuanLlamaConverter(proto).converted()
+
+
+def convert_tokenizer(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    chat_template: str | None = None,
+) -> Path:
+    """Convert IEIT's SentencePiece tokenizer into a complete HF fast tokenizer folder at ``dst``.
+
+    Args:
+        src: folder holding IEIT's ``tokenizer.model``, or the ``.model`` file itself.
+        dst: output folder; written atomically (nothing is left there if the conversion fails).
+        overwrite: replace a non-empty ``dst``.
+        chat_template: Jinja chat template to store; defaults to :data:`YUAN_CHAT_TEMPLATE`.
+
+    Returns:
+        ``dst`` as an absolute path. ``AutoTokenizer.from_pretrained(dst)`` then gives the fast tokenizer
+        described in the module docstring (eos ``<eod>``, pad ``<pad>``, left padding, no automatic bos/eos).
+
+    Raises:
+        ConversionError: ``src`` is missing or not a Yuan-style SentencePiece BPE model, or ``dst`` is a
+            non-empty folder and ``overwrite`` is false.
+    """
+    from tokenizers import AddedToken
+    from transformers import TokenizersBackend
+
+    model_file = _resolve_source(src)
+    proto = read_sentencepiece_model(model_file)
+    _validate(model_file, proto)
+    backend = _build_backend(proto)
+    # IEIT's add_tokens(..., special_tokens=True): existing pieces keep their id, new ones are appended
+    specials = [EOD_TOKEN, *YUAN_EXTRA_TOKENS]
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False) for t in specials]
+    )
+    tokenizer = TokenizersBackend(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOD_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=PAD_TOKEN,
+        sep_token=SEP_TOKEN,
+        extra_special_tokens=[t for t in YUAN_EXTRA_TOKENS if t not in (SEP_TOKEN, PAD_TOKEN)],
+        add_bos_token=False,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        padding_side="left",
+        chat_template=YUAN_CHAT_TEMPLATE if chat_template is None else chat_template,
+    )
+    _check_converted(tokenizer, model_file, specials)
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+        shutil.copyfile(model_file, tmp / "tokenizer.model")
+        _finish_folder(tmp)
+    return Path(dst).absolute()
+
+
+def _check_converted(tokenizer: Any, model_file: Path, specials: Sequence[str]) -> None:
+    for token in specials:
+        if not tokenizer.convert_tokens_to_ids(token) or token not in tokenizer.all_special_tokens:
+            raise ConversionError(f"{model_file}: {token} did not become a special token; please report this")
+    if tokenizer.eos_token_id == tokenizer.pad_token_id:
+        raise ConversionError(f"{model_file}: <pad> and <eod> share an id; please report this")
+
+
+def _finish_folder(folder: Path) -> None:
+    """Make the saved config explicit about IEIT's no-bos/no-eos setting and check the folder is complete."""
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") != "TokenizersBackend" or not (folder / "tokenizer.json").is_file():
+        raise ConversionError(f"transformers wrote an unexpected tokenizer folder ({config_file}); please report this")
+    # TokenizersBackend defaults to False already; written out so that readers of the file need not know that
+    config.update(add_bos_token=False, add_eos_token=False)
+    config_file.write_text(json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo tokenizer: the real vocabulary cannot be shipped, so tests and examples train a tiny one.
+# ----------------------------------------------------------------------------------------------------
+
+#: Training text for :func:`build_demo_tokenizer` (written for this project; English, Chinese, code).
+DEMO_TEXT = """\
+Yuan is a family of large language models. This demo tokenizer is tiny and only exists for tests.
+A mixture of experts routes every token to two of its experts, chosen by an attention router.
+The quick brown fox jumps over the lazy dog. How are you today? I am fine, thank you!
+Please write a short poem about the sea, the wind and the stars.
+The answer is 42. Numbers such as 3.14159, 2024 and 100000 are split into digits.
+Hello, world! Good morning. Good night. See you tomorrow.
+你好，世界！今天天气很好，我们一起去公园散步吧。
+请问目前最先进的机器学习算法有哪些？
+北京是中华人民共和国的首都，上海是一座国际化大都市。
+机器学习是人工智能的一个分支，深度学习是机器学习的一种方法。
+这个模型使用注意力路由器来选择专家，每个词元由两个专家处理。
+我们的目标是让大模型更加高效、更加开放、更加易用。
+春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。
+def fibonacci(n):
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+for i in range(10):
+    print(i, fibonacci(i))
+class Router(nn.Module):
+    def forward(self, hidden_states):
+        scores = self.query(hidden_states) @ self.key(hidden_states).T
+        return torch.softmax(scores, dim=-1)
+import torch
+x = torch.zeros(2, 3)
+if x.sum() == 0:
+    print("all zeros")
+{"role": "user", "content": "hello"}
+<html><body><p>Hello</p></body></html>
+SELECT name, count(*) FROM users WHERE age > 18 GROUP BY name;
+"""
+
+_DEMO_SPM_OPTIONS: dict[str, Any] = dict(
+    model_type="bpe",
+    byte_fallback=True,  # like Yuan: unknown characters become <0x..> byte pieces
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    normalization_rule_name="identity",
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    character_coverage=1.0,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    num_threads=1,  # with the fixed input order below this makes training deterministic
+    shuffle_input_sentence=False,
+    input_sentence_size=0,
+    max_sentence_length=4096,
+    hard_vocab_limit=True,
+    minloglevel=2,
+)
+
+
+def build_demo_tokenizer(dst: str | os.PathLike, *, vocab_size: int = 512, overwrite: bool = False) -> Path:
+    """Train a tiny Yuan-like SentencePiece BPE model on :data:`DEMO_TEXT` and convert it like the real one.
+
+    The model has Yuan's layout: ``<unk>``=0, ``<s>``=1, ``</s>``=2, then ``<eod>`` and the 15
+    :data:`YUAN_EXTRA_TOKENS` as user-defined pieces (``<eod>``=3, ``<sep>``=4, ``<pad>``=5, ...,
+    ``<empty_output>``=18), then 256 byte pieces and the learned pieces, so ``len(tokenizer) == vocab_size``.
+    Ids are deterministic; look them up with ``tokenizer.convert_tokens_to_ids`` or ``eos_token_id`` /
+    ``pad_token_id`` / ``sep_token_id``. Training takes well under a second on CPU.
+
+    Returns ``dst`` as an absolute path.
+    """
+    import sentencepiece as spm
+
+    if vocab_size < 300:
+        raise ConversionError(f"vocab_size={vocab_size} is too small: the demo vocabulary needs at least 300 pieces "
+                              "(3 meta, 16 special and 256 byte pieces, plus characters)")  # fmt: skip
+    lines = [line for line in DEMO_TEXT.splitlines() if line.strip()]
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            user_defined_symbols=[EOD_TOKEN, *YUAN_EXTRA_TOKENS],
+            **_DEMO_SPM_OPTIONS,
+        )
+    except RuntimeError as err:
+        raise ConversionError(f"training the demo SentencePiece model with vocab_size={vocab_size} failed: {err}; "
+                              "choose a vocab_size between 300 and about 1000") from None  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="yuan-demo-spm-") as src:
+        model_file = Path(src) / "tokenizer.model"
+        model_file.write_bytes(buffer.getvalue())
+        return convert_tokenizer(model_file, dst, overwrite=overwrite)
