@@ -80,6 +80,14 @@ def conv2d_to_conv1d(weight: torch.Tensor) -> torch.Tensor:
     return weight.squeeze(-1) if weight.ndim == 4 else weight
 
 
+def check_model_type(ieit: Mapping, where: str = "config.json") -> None:
+    if ieit.get("model_type") != "yuan":
+        raise ConversionError(
+            f"{where} has model_type={ieit.get('model_type')!r}, expected 'yuan' (IEIT's HF layout); "
+            "for Megatron checkpoints use `yuan-hf convert megatron`"
+        )
+
+
 def native_config_from_ieit(
     ieit: Mapping, *, rope_theta: float | None = None, rope_in_bfloat16: bool = False
 ) -> tuple[YuanM32Config, list[str]]:
@@ -88,11 +96,7 @@ def native_config_from_ieit(
     Returns the config and notes on decisions a user should know about.
     """
     notes: list[str] = []
-    if ieit.get("model_type") != "yuan":
-        raise ConversionError(
-            f"config.json has model_type={ieit.get('model_type')!r}, expected 'yuan' (IEIT's HF layout); "
-            "for Megatron checkpoints use `yuan-hf convert megatron`"
-        )
+    check_model_type(ieit)
     moe = ieit.get("moe_config")
     if not isinstance(moe, Mapping):
         raise ConversionError("config.json has no 'moe_config' dict: this is not a Yuan 2.0-M32 (MoE) checkpoint")
@@ -168,6 +172,7 @@ class IEITCheckpoint:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as err:
             raise ConversionError(f"{config_file} is not valid JSON: {err}") from err
+        check_model_type(config, str(config_file))
         checkpoint = cls(path=path, config=config)
         checkpoint.files = checkpoint._discover_files()
         return checkpoint

@@ -573,6 +573,7 @@ if x.sum() == 0:
 SELECT name, count(*) FROM users WHERE age > 18 GROUP BY name;
 """
 
+_DEMO_VOCAB_RANGE = (512, 1024)
 _DEMO_SPM_OPTIONS: dict[str, Any] = dict(
     model_type="bpe",
     byte_fallback=True,  # like Yuan: unknown characters become <0x..> byte pieces
@@ -608,9 +609,12 @@ def build_demo_tokenizer(dst: str | os.PathLike, *, vocab_size: int = 512, overw
     """
     import sentencepiece as spm
 
-    if vocab_size < 300:
-        raise ConversionError(f"vocab_size={vocab_size} is too small: the demo vocabulary needs at least 300 pieces "
-                              "(3 meta, 16 special and 256 byte pieces, plus characters)")  # fmt: skip
+    if not _DEMO_VOCAB_RANGE[0] <= vocab_size <= _DEMO_VOCAB_RANGE[1]:
+        raise ConversionError(
+            f"vocab_size={vocab_size} is outside {_DEMO_VOCAB_RANGE[0]}..{_DEMO_VOCAB_RANGE[1]}: the demo vocabulary "
+            "holds 3 meta, 16 special and 256 byte pieces plus every character of DEMO_TEXT, and the few KB of "
+            "training text support about a thousand pieces"
+        )
     lines = [line for line in DEMO_TEXT.splitlines() if line.strip()]
     buffer = io.BytesIO()
     try:
@@ -622,8 +626,7 @@ def build_demo_tokenizer(dst: str | os.PathLike, *, vocab_size: int = 512, overw
             **_DEMO_SPM_OPTIONS,
         )
     except RuntimeError as err:
-        raise ConversionError(f"training the demo SentencePiece model with vocab_size={vocab_size} failed: {err}; "
-                              "choose a vocab_size between 300 and about 1000") from None  # fmt: skip
+        raise ConversionError(f"training the demo SentencePiece model (vocab_size={vocab_size}) failed: {err}") from None
     with tempfile.TemporaryDirectory(prefix="yuan-demo-spm-") as src:
         model_file = Path(src) / "tokenizer.model"
         model_file.write_bytes(buffer.getvalue())

@@ -1,0 +1,67 @@
+"""The ``yuan-hf`` command line: conversion, demo, fine-tuning and upload.
+
+Every failure prints one clear ``error: ...`` line and exits non-zero; conversions write atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .conversion.common import ConversionError
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="convert IEIT checkpoints and tokenizers to the native format")
+    kinds = convert.add_subparsers(dest="kind", required=True)
+
+    ieit = kinds.add_parser("ieit-hf", help="IEIT's Hugging Face layout (config model_type 'yuan')")
+    ieit.add_argument("src", help="IEIT HF checkpoint folder (config.json + .bin or .safetensors shards)")
+    ieit.add_argument("dst", help="output folder (must be empty or absent unless --overwrite)")
+    ieit.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ieit.add_argument("--rope-theta", type=float, default=None,
+                      help="RoPE base (default 40890, what the released SFT model was fine-tuned with; "
+                           "10000 for the pretrained base or parity with IEIT's remote code)")
+    ieit.add_argument("--ieit-bf16-rope", action="store_true",
+                      help="reproduce IEIT remote code's bf16 RoPE tables bit for bit (parity checks only)")
+    ieit.add_argument("--max-shard-size", default="5GB")
+    ieit.add_argument("--tokenizer", default=None,
+                      help="folder or file with IEIT's tokenizer.model to convert into the output folder")
+    ieit.add_argument("--overwrite", action="store_true")
+    ieit.add_argument("--verify", action="store_true", help="reload the result and run a short forward")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yuan-hf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    return parser
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    if args.kind == "ieit-hf":
+        from .conversion.ieit_hf import convert_ieit_hf
+
+        summary = convert_ieit_hf(
+            args.src, args.dst, dtype=args.dtype, rope_theta=args.rope_theta, rope_in_bfloat16=args.ieit_bf16_rope,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        )  # fmt: skip
+        print(summary)
+        return 0
+    raise AssertionError(f"unhandled convert kind {args.kind}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            return _run_convert(args)
+    except (ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
