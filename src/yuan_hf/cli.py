@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yuan-hf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    demo = sub.add_parser("demo", help="the main job on built-in tiny random weights (no downloads)")
+    demo.add_argument("--workdir", default=None, help="keep the produced folders here (default: a temp dir)")
     return parser
 
 
@@ -57,6 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _run_convert(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.workdir)
+            return 0
     except (ConversionError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
