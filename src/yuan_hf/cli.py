@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yuan-hf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    push = sub.add_parser("push", help="upload a native folder to the Hugging Face Hub")
+    push.add_argument("dir", help="a native yuan_m32 folder (converted or saved with save_pretrained)")
+    push.add_argument("repo_id", help="e.g. your-name/Yuan2-M32-hf-native")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--license", default=None, help="license field of the generated model card")
     demo = sub.add_parser("demo", help="the main job on built-in tiny random weights (no downloads)")
     demo.add_argument("--workdir", default=None, help="keep the produced folders here (default: a temp dir)")
     return parser
@@ -59,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return _run_convert(args)
+        if args.command == "push":
+            from .hub import push_to_hub
+
+            print(push_to_hub(args.dir, args.repo_id, private=args.private, license=args.license))
+            return 0
         if args.command == "demo":
             from .demo import run_demo
 

@@ -14,6 +14,11 @@ def register() -> None:
     Safe to call more than once, and when transformers already knows ``yuan_m32`` (a future native
     integration, or another copy of these classes): then the existing registration is kept.
     """
+    from .conversion.ieit_hf import convert_on_the_fly
+    from .modeling import YuanM32PreTrainedModel
+
+    if convert_on_the_fly not in YuanM32PreTrainedModel._source_adapters:
+        YuanM32PreTrainedModel._source_adapters.append(convert_on_the_fly)
     if YuanM32Config.model_type in CONFIG_MAPPING:
         return
     AutoConfig.register(YuanM32Config.model_type, YuanM32Config)

@@ -11,6 +11,8 @@ the router is an *attention router*: an E x E attention over the expert axis, in
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 
 import torch
@@ -451,6 +453,30 @@ class YuanM32PreTrainedModel(PreTrainedModel):
         "hidden_states": YuanM32DecoderLayer,
         "attentions": YuanM32Attention,
     }
+
+    # Callables `(path, kwargs) -> native_path | None` that turn another layout into a native folder before
+    # loading. The yuan_hf package registers one for IEIT's HF layout; the Hub copy of this file has none.
+    _source_adapters: list[Callable] = []
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        for adapter in cls._source_adapters:
+            converted = adapter(pretrained_model_name_or_path, kwargs)
+            if converted is not None:
+                pretrained_model_name_or_path = converted
+                break
+        else:
+            config_file = os.path.join(str(pretrained_model_name_or_path), "config.json")
+            if os.path.isfile(config_file):
+                with open(config_file) as handle:
+                    model_type = json.load(handle).get("model_type")
+                if model_type == "yuan":
+                    raise ValueError(
+                        f"{pretrained_model_name_or_path} is IEIT's original HF layout (model_type 'yuan'). Convert it "
+                        "once with `pip install yuan-hf` and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` "
+                        "first, which converts it on the fly."
+                    )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
