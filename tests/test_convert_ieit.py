@@ -225,3 +225,23 @@ def test_non_empty_destination_needs_overwrite(tmp_path, capsys):
 def test_key_table_rejects_unknown_keys():
     with pytest.raises(ConversionError, match="model.layers.0.foo"):
         IEIT_KEYS.target("model.layers.0.foo")
+
+
+def test_tokenizer_goes_into_the_output_folder(tmp_path):
+    from transformers import AutoTokenizer
+
+    from yuan_hf.conversion.tokenizer import build_demo_tokenizer
+    from yuan_hf.demo import make_ieit_checkpoint
+
+    src = make_ieit_checkpoint(tmp_path / "ieit")
+    tok_dir = build_demo_tokenizer(tmp_path / "tok")
+    assert cli(["convert", "ieit-hf", str(src), str(tmp_path / "out"), "--tokenizer", str(tok_dir), "--verify"]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["pad_token_id"] == tok.pad_token_id == tok.convert_tokens_to_ids("<pad>")
+    assert config["eos_token_id"] == tok.eos_token_id
+
+
+def test_tokenizer_of_another_model_is_refused(tmp_path, capsys):
+    src = fixtures_dir() / "yuan_m32_tiny" / "ieit_hf"  # vocab 1024, <eod> 1001: not the real tokenizer's ids
+    run_cli_expect_failure(src, tmp_path / "out", "eos id", capsys, "--tokenizer", str(fixtures_dir() / "tokenizer"))

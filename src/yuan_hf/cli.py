@@ -30,6 +30,14 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                       help="folder or file with IEIT's tokenizer.model to convert into the output folder")
     ieit.add_argument("--overwrite", action="store_true")
     ieit.add_argument("--verify", action="store_true", help="reload the result and run a short forward")
+    _add_tokenizer_parser(kinds)
+
+
+def _add_tokenizer_parser(kinds: argparse._SubParsersAction) -> None:
+    tok = kinds.add_parser("tokenizer", help="IEIT's SentencePiece tokenizer.model -> a fast HF tokenizer folder")
+    tok.add_argument("src", help="folder holding tokenizer.model, or the file itself")
+    tok.add_argument("dst", help="output folder")
+    tok.add_argument("--overwrite", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +60,18 @@ def _run_convert(args: argparse.Namespace) -> int:
 
         summary = convert_ieit_hf(
             args.src, args.dst, dtype=args.dtype, rope_theta=args.rope_theta, rope_in_bfloat16=args.ieit_bf16_rope,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, overwrite=args.overwrite,
         )  # fmt: skip
+        if args.verify:
+            from .conversion.ieit_hf import verify_folder
+
+            summary.notes.append(verify_folder(args.dst))
         print(summary)
+        return 0
+    if args.kind == "tokenizer":
+        from .conversion.tokenizer import convert_tokenizer
+
+        print(f"wrote {convert_tokenizer(args.src, args.dst, overwrite=args.overwrite)}")
         return 0
     raise AssertionError(f"unhandled convert kind {args.kind}")
 

@@ -385,6 +385,19 @@ def iter_native_tensors(
     builder.finish()
 
 
+def verify_folder(folder: str | os.PathLike, *, tokens: int = 8) -> str:
+    """Reload a converted folder with the Auto classes and run a short forward; return a one-line report."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.arange(tokens)[None] % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    if not torch.isfinite(logits).all():
+        raise ConversionError(f"verification failed: {folder} produced non-finite logits")
+    return f"verified: reloaded and ran a {tokens}-token forward (logits finite, std {logits.std():.3f})"
+
+
 @dataclass
 class ConversionSummary:
     destination: Path
@@ -417,6 +430,35 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def add_tokenizer(folder: Path, source: str | os.PathLike, config: YuanM32Config) -> None:
+    """Convert IEIT's tokenizer into ``folder`` and align the config's special ids with it.
+
+    The padding id becomes the tokenizer's ``<pad>`` (IEIT pads with ``<eod>``, which breaks batched
+    generation); eos and sep must agree with the checkpoint's config.
+    """
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from .tokenizer import convert_tokenizer
+
+    staging = folder / ".tokenizer"
+    convert_tokenizer(source, staging)
+    tok = AutoTokenizer.from_pretrained(staging)
+    for name, config_id, tok_id in (("eos", config.eos_token_id, tok.eos_token_id), ("sep", config.sep_token_id, tok.sep_token_id)):
+        if config_id is not None and tok_id is not None and config_id != tok_id:
+            raise ConversionError(
+                f"the tokenizer's {name} id ({tok_id}) differs from the checkpoint's ({config_id}); "
+                "is this the tokenizer of this model?"
+            )
+    if len(tok) > config.vocab_size:
+        raise ConversionError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary is {config.vocab_size}")
+    config.pad_token_id = tok.pad_token_id
+    for file in staging.iterdir():
+        shutil.move(str(file), folder / file.name)
+    staging.rmdir()
+
+
 def write_native_folder(
     tmp: Path,
     config: YuanM32Config,
@@ -424,11 +466,15 @@ def write_native_folder(
     *,
     max_shard_size: str | int = "5GB",
     provenance: Mapping[str, object] | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> ShardedSafetensorsWriter:
-    """Write config, generation config, modeling code (for ``trust_remote_code``) and the weights into ``tmp``."""
+    """Write config, generation config, modeling code (for ``trust_remote_code``), the weights and,
+    if ``tokenizer`` names IEIT's ``tokenizer.model`` (or its folder), the converted tokenizer into ``tmp``."""
     from transformers import GenerationConfig
     from transformers.dynamic_module_utils import custom_object_save
 
+    if tokenizer is not None:  # first: a bad tokenizer fails before the long weight conversion
+        add_tokenizer(tmp, tokenizer, config)
     writer = ShardedSafetensorsWriter(tmp, max_shard_size=max_shard_size)
     for name, tensor in tensors:
         writer.add(name, tensor)
@@ -453,6 +499,7 @@ def convert_ieit_hf(
     rope_theta: float | None = None,
     rope_in_bfloat16: bool = False,
     max_shard_size: str | int = "5GB",
+    tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConversionSummary:
@@ -477,7 +524,7 @@ def convert_ieit_hf(
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         writer = write_native_folder(
             tmp, config, iter_native_tensors(checkpoint, builder, progress=progress),
-            max_shard_size=max_shard_size, provenance=provenance,
+            max_shard_size=max_shard_size, provenance=provenance, tokenizer=tokenizer,
         )  # fmt: skip
     return ConversionSummary(
         destination=Path(dst),

@@ -5,77 +5,78 @@ What IEIT documents (and what ``shared/fixtures/tokenizer/tokenizer_reference.js
     tok = LlamaTokenizer.from_pretrained(dir, add_eos_token=False, add_bos_token=False, eos_token="<eod>")
     tok.add_tokens(YUAN_EXTRA_TOKENS, special_tokens=True)   # transformers 4.x, slow, legacy=True
 
-:func:`convert_tokenizer` reproduces that setup as a self-contained ``tokenizer.json`` +
-``tokenizer_config.json`` (+ ``chat_template.jinja``, ``special_tokens_map.json`` when transformers
-writes them) that plain ``AutoTokenizer.from_pretrained(dst)`` loads as a fast tokenizer, with neither
-``yuan_hf`` nor ``sentencepiece`` needed at load time.
+:func:`convert_tokenizer` reproduces that setup as ``tokenizer.json`` + ``tokenizer_config.json`` +
+``chat_template.jinja`` (+ the original ``tokenizer.model``). Plain ``AutoTokenizer.from_pretrained(dst)``
+loads it as a fast ``TokenizersBackend``; neither ``yuan_hf`` nor ``sentencepiece`` is needed to load it.
 
 How (and why this way)
 ----------------------
 * **Conversion machinery.** The ``tokenizers`` pipeline is assembled by transformers' own
   ``LlamaConverter`` in its ``legacy=True`` form: normalizer ``Prepend("▁") + Replace(" ", "▁")``, no
   pre-tokenizer, byte-fallback BPE, decoder ``Replace("▁", " ") + ByteFallback + Fuse + Strip(1 left)``.
-  The legacy normalizer runs on every stretch of text *between* added tokens, exactly like the slow
-  legacy tokenizer, which calls SentencePiece (with its dummy prefix) once per stretch; this is where the
-  reference's lone ``▁`` (29871) after ``<sep>`` comes from. (transformers 5's own ``LlamaTokenizer``
-  class cannot be used as the saved class: it rebuilds the pipeline with a ``Metaspace`` pre-tokenizer,
-  which does not prepend ``▁`` to a stretch that already starts with a space, so ``" "`` would become
-  ``[29871]`` instead of IEIT's ``[259]``. The folder therefore names ``TokenizersBackend``, which loads
-  ``tokenizer.json`` verbatim.)
-* **Reading the ``.model`` file** needs no ``protobuf`` (which transformers' ``SentencePieceExtractor``
-  requires and this project does not depend on): a small reader below decodes the few ``ModelProto``
-  fields used, and ``sentencepiece`` itself validates the file and is cross-checked against the reader.
-* **Merge order.** SentencePiece BPE merges the adjacent pair whose *result* has the highest score and
-  breaks ties by position (leftmost). A ``tokenizers`` BPE can only rank merges globally. The merges are
-  the pairs transformers' ``generate_merges`` enumerates, ranked by score and, within equal scores, by
-  the id of the merged piece (for a SentencePiece-trained vocabulary scores are distinct and this is
-  exactly the training order). IEIT appended ~100k pieces to the Llama vocabulary, nearly all with the
-  *same* score (0.0 or -13.05), so ties are common: the fast tokenizer equals the reference on all of
-  its samples, but on arbitrary text it can pick a different (equally valid) segmentation. Measured
-  against ``sentencepiece`` on 5-line code snippets about 5 % of snippets, and on Chinese prose about
-  6 % of 3-line chunks, contain at least one different token (transformers' default tie order gives
-  10 % / 8 %). No ranking of merges can reproduce position-based ties exactly. The original
-  ``tokenizer.model`` is copied into the output, so exact training-time ids stay available with
-  ``sentencepiece`` or ``transformers.SentencePieceBackend.from_pretrained(dst)``.
+  The normalizer runs on every stretch of text *between* added tokens, exactly like the slow legacy
+  tokenizer, which calls SentencePiece (with its dummy prefix) once per stretch; this is where the
+  reference's lone ``▁`` (29871) after ``<sep>`` comes from. transformers 5's ``LlamaTokenizer`` class is
+  not used as the saved class: it rebuilds the pipeline with a ``Metaspace`` pre-tokenizer that does not
+  prepend ``▁`` to a stretch already starting with a space (``" "`` would give ``[29871]``, not IEIT's
+  ``[259]``). The folder names ``TokenizersBackend``, which loads ``tokenizer.json`` verbatim.
+* **Reading the ``.model`` file** needs no ``protobuf`` (transformers' ``SentencePieceExtractor`` does,
+  and this project does not depend on it): a small reader decodes the few ``ModelProto`` fields used;
+  ``sentencepiece`` itself validates the file and is cross-checked against the reader.
+* **Merge order, and where the fast tokenizer is not exact.** SentencePiece BPE repeatedly merges the
+  adjacent pair whose *result* has the highest score, ties going to the leftmost pair. A ``tokenizers``
+  BPE ranks merges globally. The merges are the pairs transformers' ``generate_merges`` enumerates,
+  ranked by score and, within equal scores, by the id of the merged piece (for a SentencePiece-trained
+  vocabulary all scores differ and this is exactly the training order). IEIT appended 102953 pieces to
+  the Llama vocabulary, 57768 of them with score 0.0 and 15847 with -13.047, so ties are common and
+  no global ranking can reproduce position-based tie-breaking. The fast tokenizer equals the reference
+  on all of its samples, but on arbitrary text it sometimes picks another valid segmentation: against
+  ``sentencepiece``, about 5 % of 5-line Python snippets and 6 % of 3-line Chinese chunks contain a differing token
+  (transformers' default tie order: 10 % / 8 %). For ids exactly as in IEIT's training (for example when
+  preparing fine-tuning data), use ``transformers.SentencePieceBackend.from_pretrained(dst)`` (needs
+  ``sentencepiece``; same special tokens, exact on all of the above).
 
 Settings (decisions)
 --------------------
 * ``bos_token="<s>"`` (1, never added automatically), ``eos_token="<eod>"`` (77185),
   ``unk_token="<unk>"`` (0), ``sep_token="<sep>"`` (77187), ``add_bos_token=False``,
-  ``add_eos_token=False``, ``clean_up_tokenization_spaces=False`` (IEIT's values).
+  ``add_eos_token=False``, ``clean_up_tokenization_spaces=False``: IEIT's values.
 * ``pad_token="<pad>"`` (77188). IEIT's setup has no pad token and its generation config pads with
   ``<eod>``; pad == eos makes batched generation and training collators mask real end-of-document
   tokens, so the dedicated ``<pad>`` (already in the vocabulary) is used.
-* ``padding_side="left"``: Yuan is decoder-only; batched generation needs the prompt ends aligned.
+* ``padding_side="left"``: Yuan is decoder-only and batched generation needs the prompt ends aligned.
   Training collators that want right padding set it themselves.
 * The 15 extra tokens of IEIT's docs are special added tokens with IEIT's ids: 10 already exist in the
   SentencePiece vocabulary, 5 are appended (``<mask>`` 134953 ... ``<FIM_MIDDLE>`` 134957), so
-  ``len(tokenizer) == 134958``. ``<n>`` (77186) is *not* added: IEIT's setup does not add it either.
-* **Chat template** (stored as ``tokenizer.chat_template``): IEIT's instruct format
-  ``prompt<sep>answer<eod>``. Multi-turn history is IEIT's ``q1<n>a1<n>q2<sep>``, where ``<n>`` is the
-  *line-break escape of IEIT's data files*: ``tools/preprocess_data_yuan.py`` and the eval scripts replace
-  ``<n>`` by ``"\\n"`` before tokenizing, so the model saw a newline (``<0x0A>``, id 13), never the
-  vocabulary piece ``<n>`` (77186). The template therefore joins turns with ``"\\n"``:
-  ``q1\\na1\\nq2<sep>a2<eod>``. (FastChat's ``yuan2`` template passes the literal text ``<n>``, which
-  tokenizes as the pieces ``<``, ``n``, ``>``; that is neither of the two.) ``add_generation_prompt=True``
-  appends ``<sep>``; an assistant answer after the last user turn ends with ``<eod>`` and is wrapped in
-  ``{% generation %}`` so ``return_assistant_tokens_mask`` / TRL's assistant-only loss work. A system
-  message (first only) is prepended to the first user turn followed by ``"\\n"`` (as FastChat does);
-  Yuan was not trained with system prompts. Roles must alternate user/assistant, starting with user.
+  ``len(tokenizer) == 134958``. ``<n>`` (77186) is *not* added, as in IEIT's setup.
+* **Chat template** (:data:`YUAN_CHAT_TEMPLATE`): IEIT's instruct format ``prompt<sep>answer<eod>``.
+  IEIT writes multi-turn history as ``q1<n>a1<n>q2<sep>``, but ``<n>`` is the *line-break escape of IEIT's
+  data files*: ``tools/preprocess_data_yuan.py`` and IEIT's eval scripts replace ``<n>`` by ``"\\n"``
+  before tokenizing, so the model saw a newline (``<0x0A>``, id 13), never the vocabulary piece ``<n>``
+  (77186). The template therefore joins turns with ``"\\n"``: ``q1\\na1\\nq2<sep>a2<eod>``. (FastChat's
+  ``yuan2`` template passes the literal text ``<n>``, which tokenizes as ``<``, ``n``, ``>``: neither.)
+  ``add_generation_prompt=True`` appends ``<sep>``; the answer after the last user turn ends with
+  ``<eod>`` inside ``{% generation %}`` (for ``return_assistant_tokens_mask`` / TRL's assistant-only
+  loss); earlier answers are history and carry no ``<eod>``. A system message (first position only) is
+  put before the first user turn followed by ``"\\n"``, as FastChat does; Yuan was not trained with
+  system prompts. Roles must alternate user/assistant starting with user; anything else raises.
 
-Decoding differences from IEIT's slow legacy tokenizer (pinned by ``tests/test_tokenizer.py``)
-------------------------------------------------------------------------------------------------
-Encoding (``input_ids``) is identical on every reference sample; decoding differs in three ways:
+Decoding: fast vs IEIT's slow legacy tokenizer (pinned by ``tests/test_tokenizer.py``)
+--------------------------------------------------------------------------------------
+``input_ids`` are identical on every reference sample. Decoding:
 
-1. The slow tokenizer joins special tokens to the text with a space *before* each special token that
-   follows ordinary text (``"c <FIM_MIDDLE>"``); the fast one does not (``"c<FIM_MIDDLE>"``), so
-   ``spaces_between_special_tokens`` has no effect.
-2. The lone ``▁`` that encoding puts at the start of a stretch after a special token decodes to a space
-   in both; but the slow tokenizer also keeps the space produced by a leading ``▁`` of the whole
-   sequence when the first token is the lone ``▁`` (``" 用户：…"``), whereas the fast decoder strips one
-   leading space (``"用户：…"``).
-3. ``skip_special_tokens=True`` removes the special tokens and nothing else in the fast tokenizer, so the
-   ``▁`` after a removed special token stays as a space, exactly as in the slow one.
+* Fast: ``decode(encode(text)) == text`` except for one space after every special token that is
+  followed by ordinary text (the dummy-prefix ``▁`` that encoding puts at the start of each stretch):
+  ``"a<sep>b"`` -> ``"a<sep> b"``. Leading spaces, whitespace runs and ``" "`` round-trip exactly.
+  ``spaces_between_special_tokens`` has no effect. ``skip_special_tokens=True`` gives the stretches of
+  ordinary text joined by one space (``"a<sep>b<eod>"`` -> ``"a b"``), as the slow tokenizer does except
+  for text starting with spaces (see below).
+* Slow (the reference's ``decoded``) has the same space after special tokens and deviates further: it
+  inserts spaces *before* some special tokens (``"c <FIM_MIDDLE>"``, ``"<pad> <mask>"``), keeps a leading
+  space for a sequence starting with a lone ``▁`` when special tokens follow (``" 用户：你好<sep> …"``),
+  drops one space too many at the start (``"    x"`` -> ``"   x"``, ``" "`` -> ``""``), and with
+  ``spaces_between_special_tokens=False`` drops the space after the appended ``<FIM_*>`` tokens but not
+  after tokens already in the vocabulary (``<commit_*>``).
 """
 
 from __future__ import annotations
@@ -267,7 +268,11 @@ def _parse_piece(buf: bytes, pos: int, end: int) -> SentencePiecePiece:
     while pos < end:
         key = buf[pos]
         if key == 0x0A:  # field 1, length-delimited
-            size, pos = _varint(buf, pos + 1)
+            size = buf[pos + 1] if pos + 1 < end else 0x80
+            if size < 0x80:  # one-byte length: nearly every piece
+                pos += 2
+            else:
+                size, pos = _varint(buf, pos + 1)
             if pos + size > end:
                 raise ValueError("truncated piece")
             text = buf[pos : pos + size].decode("utf-8")
@@ -300,10 +305,24 @@ def read_sentencepiece_model(path: str | os.PathLike) -> SentencePieceModel:
     pieces: list[SentencePiecePiece] = []
     trainer: dict[str, Any] = {}
     normalizer: dict[str, Any] = {}
-    trainer_fields = {3: "model_type", 24: "treat_whitespace_as_suffix", 35: "byte_fallback", 40: "unk_id",
-                      41: "bos_id", 42: "eos_id", 43: "pad_id", 45: "unk_piece"}  # fmt: skip
-    normalizer_fields = {1: "name", 2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
-                         5: "escape_whitespaces"}  # fmt: skip
+    seen: set[int] = set()
+    trainer_fields = {
+        3: "model_type",
+        24: "treat_whitespace_as_suffix",
+        35: "byte_fallback",
+        40: "unk_id",
+        41: "bos_id",
+        42: "eos_id",
+        43: "pad_id",
+        45: "unk_piece",
+    }
+    normalizer_fields = {
+        1: "name",
+        2: "precompiled_charsmap",
+        3: "add_dummy_prefix",
+        4: "remove_extra_whitespaces",
+        5: "escape_whitespaces",
+    }
     try:
         pos, end = 0, len(data)
         while pos < end:
@@ -314,6 +333,7 @@ def read_sentencepiece_model(path: str | os.PathLike) -> SentencePieceModel:
             size, pos = _varint(data, pos)
             if pos + size > end:
                 raise ValueError("truncated message")
+            seen.add(number)
             if number == 1:
                 pieces.append(_parse_piece(data, pos, pos + size))
             elif number in (2, 3):
@@ -325,19 +345,27 @@ def read_sentencepiece_model(path: str | os.PathLike) -> SentencePieceModel:
         for key in ("unk_id", "bos_id", "eos_id", "pad_id"):
             if key in trainer:
                 trainer[key] = _int32(trainer[key])
-        for spec, flags in ((trainer, ("byte_fallback", "treat_whitespace_as_suffix")),
-                            (normalizer, ("add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"))):  # fmt: skip
-            for flag in flags:
-                if flag in spec:
-                    spec[flag] = bool(spec[flag])
+        for flag in ("byte_fallback", "treat_whitespace_as_suffix"):
+            if flag in trainer:
+                trainer[flag] = bool(trainer[flag])
+        for flag in ("add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"):
+            if flag in normalizer:
+                normalizer[flag] = bool(normalizer[flag])
         for spec, key in ((trainer, "unk_piece"), (normalizer, "name")):
             if key in spec:
                 spec[key] = bytes(spec[key]).decode("utf-8")
         if "precompiled_charsmap" in normalizer:
             normalizer["precompiled_charsmap"] = bytes(normalizer["precompiled_charsmap"])
-        if not pieces:
-            raise ValueError("no vocabulary pieces")
-        model = SentencePieceModel(tuple(pieces), SentencePieceTrainerSpec(**trainer), SentencePieceNormalizerSpec(**normalizer))
+        missing = [
+            name
+            for number, name in ((1, "vocabulary"), (2, "trainer_spec"), (3, "normalizer_spec"))
+            if number not in seen
+        ]
+        if missing:  # the specs are stored after the vocabulary: a truncated file lacks them
+            raise ValueError(f"{' and '.join(missing)} missing")
+        model = SentencePieceModel(
+            tuple(pieces), SentencePieceTrainerSpec(**trainer), SentencePieceNormalizerSpec(**normalizer)
+        )
     except (ValueError, TypeError, UnicodeDecodeError, struct.error) as err:
         raise ConversionError(
             f"{path} is not a readable SentencePiece model ({err}); expected IEIT's tokenizer.model "
@@ -380,21 +408,26 @@ def _validate(model_file: Path, proto: SentencePieceModel) -> None:
             "tokenizer.model; re-download it (a Git LFS pointer or a truncated file fails this way)"
         ) from None
     size = processor.get_piece_size()
-    if size != len(proto.pieces) or any(processor.id_to_piece(i) != proto.pieces[i].piece for i in (0, size // 2, size - 1)):
-        raise ConversionError(f"{model_file}: sentencepiece and the model reader disagree on the vocabulary; please report this")
+    if size != len(proto.pieces) or any(
+        processor.id_to_piece(i) != proto.pieces[i].piece for i in (0, size // 2, size - 1)
+    ):
+        raise ConversionError(
+            f"{model_file}: sentencepiece and the model reader disagree on the vocabulary; please report this"
+        )
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if spec.model_type != 2:
         raise ConversionError(
             f"{model_file} is a {_MODEL_TYPES.get(spec.model_type, spec.model_type)} SentencePiece model; "
             "Yuan's tokenizer is BPE and only BPE models are converted"
         )
+    identity = norm.name in ("", "identity") and not norm.precompiled_charsmap
     checks = {
-        "normalizer rule (expected 'identity' with no precompiled charsmap)": (norm.name in ("", "identity") and not norm.precompiled_charsmap),
+        f"normalizer rule {norm.name!r} (expected 'identity' with no precompiled charsmap)": identity,
         "add_dummy_prefix (expected true)": norm.add_dummy_prefix,
         "remove_extra_whitespaces (expected false)": not norm.remove_extra_whitespaces,
         "escape_whitespaces (expected true)": norm.escape_whitespaces,
         "treat_whitespace_as_suffix (expected false)": not spec.treat_whitespace_as_suffix,
-    }  # fmt: skip
+    }
     wrong = [name for name, ok in checks.items() if not ok]
     if wrong:
         raise ConversionError(
@@ -432,10 +465,10 @@ def _build_backend(proto: SentencePieceModel) -> Any:
         def tokenizer(self, proto: SentencePieceModel) -> Tokenizer:
             vocab_scores = self.vocab(proto)
             vocab = {piece: i for i, (piece, _) in enumerate(vocab_scores)}
-            scores = dict(vocab_scores)
             merges = generate_merges(vocab, vocab_scores)
             # rank: higher score of the merged piece first; ties in the order of the vocabulary
-            merges.sort(key=lambda lr: (-scores[lr[0] + lr[1]], vocab[lr[0] + lr[1]], vocab[lr[0]]))
+            rank = {piece: (-score, i) for i, (piece, score) in enumerate(vocab_scores)}
+            merges.sort(key=lambda lr: (rank[lr[0] + lr[1]], vocab[lr[0]]))
             tok = Tokenizer(
                 BPE(
                     vocab,
@@ -486,30 +519,35 @@ def convert_tokenizer(
     from transformers import TokenizersBackend
 
     model_file = _resolve_source(src)
-    proto = read_sentencepiece_model(model_file)
-    _validate(model_file, proto)
-    backend = _build_backend(proto)
-    # IEIT's add_tokens(..., special_tokens=True): existing pieces keep their id, new ones are appended
-    specials = [EOD_TOKEN, *YUAN_EXTRA_TOKENS]
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False) for t in specials]
-    )
-    tokenizer = TokenizersBackend(
-        tokenizer_object=backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOD_TOKEN,
-        unk_token=UNK_TOKEN,
-        pad_token=PAD_TOKEN,
-        sep_token=SEP_TOKEN,
-        extra_special_tokens=[t for t in YUAN_EXTRA_TOKENS if t not in (SEP_TOKEN, PAD_TOKEN)],
-        add_bos_token=False,
-        add_eos_token=False,
-        clean_up_tokenization_spaces=False,
-        padding_side="left",
-        chat_template=YUAN_CHAT_TEMPLATE if chat_template is None else chat_template,
-    )
-    _check_converted(tokenizer, model_file, specials)
+    # entered first so that a non-empty dst is refused before any work; an error below leaves dst untouched
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        proto = read_sentencepiece_model(model_file)
+        _validate(model_file, proto)
+        backend = _build_backend(proto)
+        # IEIT's add_tokens(..., special_tokens=True): pieces already in the vocabulary keep their id, the
+        # others are appended in order
+        specials = [EOD_TOKEN, *YUAN_EXTRA_TOKENS]
+        backend.add_special_tokens(
+            [
+                AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+                for t in specials
+            ]
+        )
+        tokenizer = TokenizersBackend(
+            tokenizer_object=backend,
+            bos_token=BOS_TOKEN,
+            eos_token=EOD_TOKEN,
+            unk_token=UNK_TOKEN,
+            pad_token=PAD_TOKEN,
+            sep_token=SEP_TOKEN,
+            extra_special_tokens=[t for t in YUAN_EXTRA_TOKENS if t not in (SEP_TOKEN, PAD_TOKEN)],
+            add_bos_token=False,
+            add_eos_token=False,
+            clean_up_tokenization_spaces=False,
+            padding_side="left",
+            chat_template=YUAN_CHAT_TEMPLATE if chat_template is None else chat_template,
+        )
+        _check_converted(tokenizer, model_file, specials)
         tokenizer.save_pretrained(str(tmp))
         shutil.copyfile(model_file, tmp / "tokenizer.model")
         _finish_folder(tmp)
@@ -532,7 +570,9 @@ def _finish_folder(folder: Path) -> None:
         raise ConversionError(f"transformers wrote an unexpected tokenizer folder ({config_file}); please report this")
     # TokenizersBackend defaults to False already; written out so that readers of the file need not know that
     config.update(add_bos_token=False, add_eos_token=False)
-    config_file.write_text(json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    config_file.write_text(
+        json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -626,7 +666,9 @@ def build_demo_tokenizer(dst: str | os.PathLike, *, vocab_size: int = 512, overw
             **_DEMO_SPM_OPTIONS,
         )
     except RuntimeError as err:
-        raise ConversionError(f"training the demo SentencePiece model (vocab_size={vocab_size}) failed: {err}") from None
+        raise ConversionError(
+            f"training the demo SentencePiece model (vocab_size={vocab_size}) failed: {err}"
+        ) from None
     with tempfile.TemporaryDirectory(prefix="yuan-demo-spm-") as src:
         model_file = Path(src) / "tokenizer.model"
         model_file.write_bytes(buffer.getvalue())
