@@ -32,6 +32,26 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     ieit.add_argument("--verify", action="store_true", help="reload the result and run a short forward")
     _add_tokenizer_parser(kinds)
 
+    mega = kinds.add_parser("megatron", help="IEIT's Megatron-LM checkpoint (any TP x PP), one CPU command")
+    mega.add_argument("src", help="checkpoint root (with latest_checkpointed_iteration.txt) or an iter_XXXXXXX folder")
+    mega.add_argument("dst", help="output folder (must be empty or absent unless --overwrite)")
+    mega.add_argument("--tokenizer", default=None, help="folder or file with IEIT's tokenizer.model")
+    mega.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    mega.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the tracker's)")
+    mega.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base recorded in the args")
+    mega.add_argument("--token-ids", default=None, type=_parse_token_ids,
+                      help="without --tokenizer: special ids, e.g. 'eos=77185,sep=77187,pad=77188,bos=77185'")
+    mega.add_argument("--max-shard-size", default="5GB")
+    mega.add_argument("--overwrite", action="store_true")
+    mega.add_argument("--verify", action="store_true", help="reload the result and run a short forward")
+
+
+def _parse_token_ids(text: str) -> dict[str, int]:
+    try:
+        return {name.strip(): int(value) for name, value in (item.split("=") for item in text.split(","))}
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--token-ids wants name=id pairs like 'eos=2,sep=4', got {text!r}") from err
+
 
 def _add_tokenizer_parser(kinds: argparse._SubParsersAction) -> None:
     tok = kinds.add_parser("tokenizer", help="IEIT's SentencePiece tokenizer.model -> a fast HF tokenizer folder")
@@ -62,6 +82,15 @@ def _run_convert(args: argparse.Namespace) -> int:
             args.src, args.dst, dtype=args.dtype, rope_theta=args.rope_theta, rope_in_bfloat16=args.ieit_bf16_rope,
             max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, overwrite=args.overwrite,
         )  # fmt: skip
+    elif args.kind == "megatron":
+        from .conversion.megatron import convert_megatron
+
+        summary = convert_megatron(
+            args.src, args.dst, iteration=args.iteration, tokenizer=args.tokenizer, dtype=args.dtype,
+            rope_theta=args.rope_theta, token_ids=args.token_ids, max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+    if args.kind in ("ieit-hf", "megatron"):
         if args.verify:
             from .conversion.ieit_hf import verify_folder
 

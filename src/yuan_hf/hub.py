@@ -45,6 +45,7 @@ Without it, the modeling code in this folder is used:
 
 ```python
 model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True, dtype=torch.bfloat16)
+tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
 ```
 
 Prompt format (IEIT's instruct format): `prompt<sep>` then the model answers and ends with `<eod>`;

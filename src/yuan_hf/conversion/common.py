@@ -28,6 +28,11 @@ __all__ = [
 ]
 
 
+# RoPE base the released SFT model was fine-tuned with (NTK rule from 10000 at 4096 -> 16384 tokens).
+SFT_ROPE_THETA = 40890.0
+PRETRAIN_ROPE_THETA = 10000.0
+
+
 class ConversionError(ValueError):
     """A checkpoint cannot be converted; the message names the file or key and what to do."""
 

@@ -22,11 +22,15 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..modeling import YuanM32Config, YuanM32ForCausalLM
-from .common import ConversionError, KeyTable, ShardedSafetensorsWriter, atomic_output_dir
+from .common import (
+    PRETRAIN_ROPE_THETA,
+    SFT_ROPE_THETA,
+    ConversionError,
+    KeyTable,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+)
 
-# RoPE base the released SFT model was fine-tuned with (NTK rule from 10000 at 4096 -> 16384 tokens).
-SFT_ROPE_THETA = 40890.0
-PRETRAIN_ROPE_THETA = 10000.0
 
 # IEIT key -> native key. `{}` = layer number (then expert number). Every IEIT key must match.
 IEIT_KEYS = KeyTable(
@@ -49,6 +53,7 @@ IEIT_KEYS = KeyTable(
         "model.layers.{}.mlp.gate.query.weight": "model.layers.{}.mlp.gate.query.weight",
         "model.layers.{}.mlp.gate.key.weight": "model.layers.{}.mlp.gate.key.weight",
         "model.layers.{}.mlp.gate.value.weight": "model.layers.{}.mlp.gate.value.weight",
+        "model.layers.{}.mlp.gate.weight": "model.layers.{}.mlp.gate.weight",  # linear router (non-IEIT checkpoints)
         "model.layers.{}.mlp.experts.{}.w1.weight": "model.layers.{}.mlp.experts.{}.gate_up",
         "model.layers.{}.mlp.experts.{}.w2.weight": "model.layers.{}.mlp.experts.{}.down_proj.weight",
         # non-persistent buffers some IEIT saves carry
@@ -430,11 +435,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def add_tokenizer(folder: Path, source: str | os.PathLike, config: YuanM32Config) -> None:
+def add_tokenizer(folder: Path, source: str | os.PathLike, config: YuanM32Config, *, adopt_ids: bool = False) -> None:
     """Convert IEIT's tokenizer into ``folder`` and align the config's special ids with it.
 
     The padding id becomes the tokenizer's ``<pad>`` (IEIT pads with ``<eod>``, which breaks batched
-    generation); eos and sep must agree with the checkpoint's config.
+    generation); eos and sep must agree with the checkpoint's config, unless ``adopt_ids`` (Megatron
+    checkpoints record no token ids): then bos, eos and sep are taken from the tokenizer.
     """
     import shutil
 
@@ -445,6 +451,8 @@ def add_tokenizer(folder: Path, source: str | os.PathLike, config: YuanM32Config
     staging = folder / ".tokenizer"
     convert_tokenizer(source, staging)
     tok = AutoTokenizer.from_pretrained(staging)
+    if adopt_ids:
+        config.bos_token_id, config.eos_token_id, config.sep_token_id = tok.bos_token_id, tok.eos_token_id, tok.sep_token_id
     for name, config_id, tok_id in (("eos", config.eos_token_id, tok.eos_token_id), ("sep", config.sep_token_id, tok.sep_token_id)):
         if config_id is not None and tok_id is not None and config_id != tok_id:
             raise ConversionError(
@@ -467,6 +475,7 @@ def write_native_folder(
     max_shard_size: str | int = "5GB",
     provenance: Mapping[str, object] | None = None,
     tokenizer: str | os.PathLike | None = None,
+    adopt_token_ids: bool = False,
 ) -> ShardedSafetensorsWriter:
     """Write config, generation config, modeling code (for ``trust_remote_code``), the weights and,
     if ``tokenizer`` names IEIT's ``tokenizer.model`` (or its folder), the converted tokenizer into ``tmp``."""
@@ -474,7 +483,7 @@ def write_native_folder(
     from transformers.dynamic_module_utils import custom_object_save
 
     if tokenizer is not None:  # first: a bad tokenizer fails before the long weight conversion
-        add_tokenizer(tmp, tokenizer, config)
+        add_tokenizer(tmp, tokenizer, config, adopt_ids=adopt_token_ids)
     writer = ShardedSafetensorsWriter(tmp, max_shard_size=max_shard_size)
     for name, tensor in tensors:
         writer.add(name, tensor)

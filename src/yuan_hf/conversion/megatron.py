@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import ConversionError, KeyTable, atomic_output_dir, check_all_used
+from .common import SFT_ROPE_THETA, ConversionError, KeyTable, atomic_output_dir, check_all_used
 
 __all__ = [
     "DROPPED_ENTRIES",
@@ -60,6 +60,7 @@ __all__ = [
     "iter_ieit_stages",
     "load_megatron_file",
     "megatron_args_for",
+    "convert_megatron",
     "native_config_from_args",
     "write_megatron_checkpoint",
 ]
@@ -67,7 +68,6 @@ __all__ = [
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
-SFT_ROPE_THETA = 40890.0  # the base IEIT's 16K fine-tuning used (same constant as ieit_hf.SFT_ROPE_THETA)
 RMS_NORM_EPS = 1e-6  # IEIT's Megatron hard-codes RMSNorm(eps=1e-6); args.layernorm_epsilon only feeds LayerNorm
 
 # Top-level entries of a rank file that a conversion never needs. They are unpickled as structure only:
@@ -169,14 +169,16 @@ def _lazy_rebuild_tensor(storage: _StorageRecord, offset: int, size: tuple, stri
     """Stands in for ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, ...)``."""
     if not isinstance(storage, _StorageRecord):
         raise ConversionError(f"a tensor is rebuilt from {type(storage).__name__}, not from a storage record")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else offset - 1
-    if len(size) != len(stride) or offset < 0 or last >= max(storage.numel, 1) and all(size):
+    size, stride, offset = tuple(int(n) for n in size), tuple(int(n) for n in stride), int(offset)
+    inside = len(size) == len(stride) and offset >= 0
+    if inside and all(size):  # the last element a non-empty tensor touches must lie in its storage
+        inside = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) < storage.numel
+    if not inside:
         raise ConversionError(
             f"{storage.path}: a tensor of shape {list(size)} (offset {offset}, stride {list(stride)}) "
             f"lies outside its storage {storage.name} of {storage.numel} elements; the file is corrupt"
         )
-    return LazyTensor(storage, int(offset), size, stride)
+    return LazyTensor(storage, offset, size, stride)
 
 
 def _lazy_rebuild_parameter(data: LazyTensor, *_: Any) -> LazyTensor:
@@ -206,7 +208,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = reconstruct
         allowed[(module, "scalar")] = scalar
-    for name, value in vars(np.dtypes).items():
+    for name, value in vars(getattr(np, "dtypes", object)).items():  # numpy >= 1.25 pickles dtypes as classes
         if isinstance(value, type) and issubclass(value, np.dtype):
             allowed[("numpy.dtypes", name)] = value
     for name, value in vars(torch).items():
@@ -218,9 +220,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles a rank file's ``data.pkl`` without running anything from it.
 
-    ``find_class`` resolves only the allow-list above; ``megatron.*`` globals become inert
-    :class:`MegatronStub` subclasses; anything else is refused with a :class:`ConversionError`. Storages
-    and tensors become :class:`LazyTensor` records: no tensor bytes are read while unpickling.
+    ``find_class`` resolves only the allow-list above; ``torch.*Storage`` classes resolve to their dtype (what
+    ``persistent_load`` needs); ``megatron.*`` globals become inert :class:`MegatronStub` subclasses; anything
+    else is refused with a :class:`ConversionError`. Tensors become :class:`LazyTensor` records: no tensor
+    bytes are read while unpickling.
     """
 
     def __init__(self, data: bytes, *, source: Path, records: Mapping[str, zipfile.ZipInfo], prefix: str):
@@ -228,8 +231,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.source, self.records, self.prefix = source, records, prefix
 
     def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module  # protocol-2 pickles use Python 2's name
         if module == "megatron" or module.startswith("megatron."):
             return _stub_class(module, name)
+        if module == "torch" and name == "UntypedStorage":
+            return torch.uint8
+        if module == "torch" and name.endswith("Storage"):
+            try:
+                return torch.serialization.StorageType(name).dtype
+            except KeyError:
+                pass  # not a storage torch knows: refused below
         found = _allowed_globals().get((module, name))
         if found is None:
             raise ConversionError(
@@ -265,28 +276,18 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 def _storage_dtype(storage_type: Any, source: Path) -> torch.dtype:
-    """``torch.BFloat16Storage`` & co. (resolved by ``find_class`` to their dtype helper) -> dtype."""
+    """``torch.BFloat16Storage`` & co. (which ``find_class`` resolves to their dtype) -> dtype."""
     if isinstance(storage_type, torch.dtype):
         return storage_type
     raise ConversionError(f"{source}: a storage of unknown type {storage_type!r}; the file is corrupt")
 
 
-class _StorageAwareUnpickler(RestrictedUnpickler):
-    """Adds the storage classes (``torch.FloatStorage``, ...) that ``persistent_load`` ids name, as dtypes."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name.endswith("Storage"):
-            if name == "UntypedStorage":
-                return torch.uint8
-            try:
-                return torch.serialization.StorageType(name).dtype
-            except (KeyError, AttributeError):
-                pass  # unknown *Storage names fall through to the refusal below
-        return super().find_class(module, name)
-
-
 def _open_zip(path: Path) -> tuple[bytes, dict[str, zipfile.ZipInfo], str]:
-    """The ``data.pkl`` bytes, the zip directory and the record prefix of a zip ``torch.save`` file."""
+    """The ``data.pkl`` bytes, the zip directory and the record prefix of a zip ``torch.save`` file.
+
+    Refuses legacy (pre-zip) files, TorchScript archives (``torch.load`` would hand those to ``torch.jit.load``)
+    and big-endian saves; reads the central directory and ``data.pkl`` only.
+    """
     if not path.is_file():
         raise ConversionError(f"checkpoint file {path} does not exist")
     if not zipfile.is_zipfile(path):
@@ -294,15 +295,21 @@ def _open_zip(path: Path) -> tuple[bytes, dict[str, zipfile.ZipInfo], str]:
             f"{path} is not a zip torch.save file: it is truncated or corrupt (or a legacy pre-1.6 torch "
             "file, which is not supported: load and re-save it with a recent torch in a trusted environment)"
         )
-    with zipfile.ZipFile(path) as archive:
-        records = {info.filename: info for info in archive.infolist()}
-        pickles = [name for name in records if name == "data.pkl" or name.endswith("/data.pkl")]
-        if any(name.endswith("constants.pkl") for name in records):
-            raise ConversionError(f"{path} is a TorchScript archive, not a Megatron checkpoint; refusing to load it")
-        if len(pickles) != 1:
-            raise ConversionError(f"{path}: expected one data.pkl in the zip, found {len(pickles)}; not a torch.save file")
-        data = archive.read(pickles[0])  # zipfile checks the CRC
-    return data, records, pickles[0][: -len("data.pkl")]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = {info.filename: info for info in archive.infolist()}
+            pickles = [name for name in records if name == "data.pkl" or name.endswith("/data.pkl")]
+            if any(name.endswith("constants.pkl") for name in records):
+                raise ConversionError(f"{path} is a TorchScript archive, not a Megatron checkpoint; refusing to load it")
+            if len(pickles) != 1:
+                raise ConversionError(f"{path}: expected one data.pkl in the zip, found {len(pickles)}")
+            prefix = pickles[0][: -len("data.pkl")]
+            data = archive.read(pickles[0])  # zipfile checks the CRC
+            if f"{prefix}byteorder" in records and archive.read(f"{prefix}byteorder").decode() != sys.byteorder:
+                raise ConversionError(f"{path} was saved on a machine of the other byte order; that is not supported")
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"cannot read {path}: {exc}; the file is corrupt, copy it again") from exc
+    return data, records, prefix
 
 
 def load_megatron_file(
@@ -328,20 +335,13 @@ def load_megatron_file(
         ``checkpoint_version`` (3.0), ``iteration`` and ``model`` (nested dicts of tensors).
     """
     path = Path(path)
+    data, records, prefix = _open_zip(path)
     try:
-        data, records, prefix = _open_zip(path)
-        unpickler = _StorageAwareUnpickler(data, source=path, records=records, prefix=prefix)
-        loaded = unpickler.load()
-        byteorder = records.get(f"{prefix}byteorder")
-        if byteorder is not None:
-            with zipfile.ZipFile(path) as archive:
-                order = archive.read(byteorder).decode()
-            if order != sys.byteorder:
-                raise ConversionError(f"{path} was saved on a {order}-endian machine; byte swapping is not supported")
+        loaded = RestrictedUnpickler(data, source=path, records=records, prefix=prefix).load()
     except ConversionError:
         raise
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, KeyError,
-            IndexError, AttributeError, RecursionError, struct.error, UnicodeDecodeError) as exc:  # fmt: skip
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            RecursionError, UnicodeDecodeError) as exc:  # fmt: skip
         raise ConversionError(
             f"cannot read checkpoint file {path}: {type(exc).__name__}: {exc}. The file is truncated or corrupt; "
             "copy it again from the source"
@@ -357,9 +357,9 @@ def _materialize(value: Any) -> Any:
     """Replace every :class:`LazyTensor` in nested dicts / lists by the tensor it stands for."""
     if isinstance(value, LazyTensor):
         return value.load()
-    if isinstance(value, Mapping):
+    if type(value) in (dict, OrderedDict):
         return type(value)((k, _materialize(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         return type(value)(_materialize(v) for v in value)
     return value
 
@@ -406,8 +406,9 @@ def _need(args: Mapping[str, Any], name: str) -> Any:
 
 
 def _positive_int(args: Mapping[str, Any], name: str, default: int | None = None) -> int:
-    value = args.get(name, default) if default is not None else _need(args, name)
-    value = default if value is None else value
+    value = args.get(name)
+    if value is None:
+        value = _need(args, name) if default is None else default
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConversionError(f"Megatron args.{name} must be a positive integer, found {value!r}")
     return value
@@ -552,6 +553,11 @@ def native_config_from_args(
     rotary_percent = a.get("rotary_percent") or 1.0
     if "rotary_base" in a and a["rotary_base"] is not None:
         rope_theta = float(a["rotary_base"])
+        if rope_theta == 10000.0:
+            notes.append(
+                "rotary base 10000 from args (IEIT's pretraining base); the released 16K fine-tuned model used "
+                f"{SFT_ROPE_THETA:g}: pass --rope-theta {SFT_ROPE_THETA:g} if these weights are the 16K fine-tuned model"
+            )
     else:
         rope_theta = SFT_ROPE_THETA
         notes.append(
@@ -596,8 +602,8 @@ def native_config_from_args(
     if overrides:
         kwargs.update(overrides)
         notes.append("overridden: " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
-    try:
-        YuanM32Config(**kwargs)
+    try:  # token ids come from the tokenizer later; None keeps the check from judging the defaults
+        YuanM32Config(**({f"{t}_token_id": None for t in ("bos", "eos", "pad", "sep")} | kwargs))
     except ValueError as exc:
         raise ConversionError(f"the Megatron args give an invalid native config: {exc}") from exc
     return kwargs, notes
@@ -747,9 +753,11 @@ class _ExpertsFc1:
         return (shape[0], shape[1] // tp)
 
     def split(self, full: torch.Tensor, dims: MegatronDims) -> list[torch.Tensor]:
+        if dims.tp == 1:
+            return [full]
         gate, up = full.contiguous().view(dims.E, dims.H, 2 * dims.F).chunk(2, dim=-1)  # each [E, H, F]
         gates, ups = gate.chunk(dims.tp, dim=-1), up.chunk(dims.tp, dim=-1)  # tp x [E, H, F/tp]
-        return [torch.cat([g, u], dim=-1).view(dims.H, -1) for g, u in zip(gates, ups)]
+        return [torch.cat([g, u], dim=-1).view(dims.H, -1) for g, u in zip(gates, ups, strict=True)]
 
     def merge(self, shards: Sequence[torch.Tensor], dims: MegatronDims, *, where: str) -> torch.Tensor:
         if len(shards) == 1:
@@ -767,6 +775,8 @@ class _ExpertsFc2:
         return (shape[0] // tp, shape[1])
 
     def split(self, full: torch.Tensor, dims: MegatronDims) -> list[torch.Tensor]:
+        if dims.tp == 1:
+            return [full]
         per_expert = full.contiguous().view(dims.E, dims.F, dims.H)
         return [block.reshape(-1, dims.H) for block in per_expert.chunk(dims.tp, dim=1)]
 
@@ -1107,17 +1117,9 @@ class MegatronCheckpoint:
             path = directory / RANK_FILE
             if not path.is_file():
                 raise ConversionError(f"{path} is missing; every rank folder needs its {RANK_FILE}")
-            _open_zip_check(path)
+            _open_zip(path)  # cheap: central directory and data.pkl; catches truncated files early
             files[rank] = path
         return files, tp_size, pp_size
-
-
-def _open_zip_check(path: Path) -> None:
-    """Cheap early check that ``path`` is a complete zip (reads only the central directory)."""
-    try:
-        _open_zip(path)
-    except zipfile.BadZipFile as exc:
-        raise ConversionError(f"{path} is not a readable zip torch.save file ({exc}); the file is corrupt") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1168,7 +1170,7 @@ def _convert_stage(
     files = ckpt.stage_files(stage)
     shards = _load_stage_shards(ckpt, stage)
     source_keys = list(shards[0])
-    for path, flat in zip(files[1:], shards[1:]):
+    for path, flat in zip(files[1:], shards[1:], strict=True):
         if set(flat) != set(source_keys):
             diff = sorted(set(flat) ^ set(source_keys))
             raise ConversionError(f"{path} and {files[0]} hold different tensors: {', '.join(diff[:8])}")
@@ -1182,7 +1184,13 @@ def _convert_stage(
     expected_set, used = set(expected), set()
     out: dict[str, torch.Tensor] = {}
     for key in source_keys:
-        if MEGATRON_TO_IEIT.target(key) is None if MEGATRON_TO_IEIT.match(key) else False:
+        found = MEGATRON_TO_IEIT.match(key)
+        if found is None:
+            raise ConversionError(
+                f"{files[0]}: unexpected tensor {key!r}: it matches no entry of the Megatron key table "
+                "(MEGATRON_TO_IEIT); this is not a Yuan 2.0-M32 checkpoint of the layout this converter knows"
+            )
+        if MEGATRON_TO_IEIT.table[found[0]] is None:
             used.add(key)  # dropped on purpose (see MEGATRON_TO_IEIT)
             continue
         if key not in expected_set:
@@ -1191,29 +1199,34 @@ def _convert_stage(
                 f"{dims.stage_offset(stage)}..{dims.stage_offset(stage) + dims.stage_layers[stage] - 1} of "
                 f"{dims.layers} (tied head: {dims.tied}); the args do not describe this checkpoint"
             )
-        entry, target = _target(key, dims, stage)
-        full_shape = entry.shape(dims)
-        local_shape = entry.layout.local_shape(full_shape, dims.tp)
-        for path, flat in zip(files, shards):
-            lazy = flat[key]
-            if tuple(lazy.shape) != local_shape or lazy.dtype != shards[0][key].dtype:
-                raise ConversionError(
-                    f"{path}: {key} is {list(lazy.shape)} {lazy.dtype}, expected {list(local_shape)} "
-                    f"{shards[0][key].dtype} (full {list(full_shape)} over {dims.tp} TP ranks) from the args"
-                )
-        where = f"{key} in {', '.join(map(str, files))}"
-        merged = entry.layout.merge([flat.pop(key).load() for flat in shards], dims, where=where)
-        if tuple(merged.shape) != full_shape:
-            raise ConversionError(f"{where}: merged to {list(merged.shape)}, expected {list(full_shape)}")
-        if entry.fused is None:
-            out[target] = _owned(merged, dtype)
-        else:
-            for part, tensor in zip(entry.fused.parts(dims), entry.fused.split(merged, dims)):
-                out[target.replace("*", part)] = _owned(tensor, dtype)
-        del merged
+        out |= _convert_tensor(key, [flat.pop(key) for flat in shards], files, stage, dims, dtype=dtype)
         used.add(key)
     check_all_used(source_keys, used, where=f"pipeline stage {stage} ({files[0]})")
     return out
+
+
+def _convert_tensor(
+    key: str, shards: list[LazyTensor], files: list[Path], stage: int, dims: MegatronDims, *, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """One Megatron tensor (its TP shards, unread) -> its IEIT-HF tensor(s). The sources die on return."""
+    entry, target = _target(key, dims, stage)
+    full_shape = entry.shape(dims)
+    local_shape = entry.layout.local_shape(full_shape, dims.tp)
+    for path, lazy in zip(files, shards, strict=True):
+        if tuple(lazy.shape) != local_shape or lazy.dtype != shards[0].dtype:
+            raise ConversionError(
+                f"{path}: {key} is {list(lazy.shape)} {lazy.dtype}, expected {list(local_shape)} "
+                f"{shards[0].dtype} (full {list(full_shape)} over {dims.tp} TP ranks) from the args"
+            )
+    where = f"{key} in {', '.join(map(str, files))}"
+    merged = entry.layout.merge([lazy.load() for lazy in shards], dims, where=where)
+    if tuple(merged.shape) != full_shape:
+        raise ConversionError(f"{where}: merged to {list(merged.shape)}, expected {list(full_shape)}")
+    if entry.fused is None:
+        return {target: _owned(merged, dtype)}
+    parts = entry.fused.split(merged, dims)
+    names = entry.fused.parts(dims)
+    return {target.replace("*", name): _owned(part, dtype) for name, part in zip(names, parts, strict=True)}
 
 
 def iter_ieit_stages(
@@ -1267,6 +1280,7 @@ def _iter_stages(
                     "to keep both"
                 )
         yield tensors
+        del tensors  # before building the next stage (the caller should drop its reference too)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1380,6 +1394,9 @@ def write_megatron_checkpoint(
     missing = [k for k in needed if k not in present]
     if missing:
         raise ConversionError(f"{len(missing)} IEIT tensor(s) missing for this model: {', '.join(missing[:8])}")
+    unexpected = sorted(present - needed.keys() - optional)
+    if unexpected:
+        raise ConversionError(f"{len(unexpected)} IEIT tensor(s) the args do not describe: {', '.join(unexpected[:8])}")
     consumed: set[str] = set()
 
     def fetch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -1404,25 +1421,118 @@ def write_megatron_checkpoint(
         parts = (fetch(target.replace("*", p), part_shape) for p in entry.fused.parts(dims))
         return entry.fused.join(parts, dims)
 
+    def write_stage(folder: Path, stage: int) -> None:  # a function, so the stage's tensors die on return
+        models = [OrderedDict() for _ in range(dims.tp)]
+        for key in _stage_source_keys(dims, stage):
+            entry = _ENTRIES[MEGATRON_TO_IEIT.match(key)[0]]
+            for model, piece in zip(models, entry.layout.split(megatron_tensor(key, stage), dims), strict=True):
+                _nest(model, key, _compact(piece))
+        for tp_rank, model in enumerate(models):
+            path = folder / _rank_dir(tp_rank, stage, dims.pp) / RANK_FILE
+            path.parent.mkdir(parents=True)
+            rank = stage * dims.tp + tp_rank
+            payload = OrderedDict(
+                args=argparse.Namespace(**(a | {"rank": rank})), checkpoint_version=CHECKPOINT_VERSION,
+                iteration=iteration, model=model, rng_state=_rng_state(1234 + rank),
+            )  # fmt: skip
+            torch.save(payload, path)
+
     root = Path(dst)
     with atomic_output_dir(root, overwrite=overwrite) as tmp:
-        folder = tmp / f"iter_{iteration:07d}"
         for stage in range(dims.pp):
-            models = [OrderedDict() for _ in range(dims.tp)]
-            for key in _stage_source_keys(dims, stage):
-                entry = _ENTRIES[MEGATRON_TO_IEIT.match(key)[0]]
-                for model, piece in zip(models, entry.layout.split(megatron_tensor(key, stage), dims)):
-                    _nest(model, key, _compact(piece))
-            for tp_rank, model in enumerate(models):
-                rank_args = argparse.Namespace(**(a | {"rank": stage * dims.tp + tp_rank}))
-                path = folder / _rank_dir(tp_rank, stage, dims.pp) / RANK_FILE
-                path.parent.mkdir(parents=True)
-                payload = OrderedDict(
-                    args=rank_args, checkpoint_version=CHECKPOINT_VERSION, iteration=iteration, model=model,
-                    rng_state=_rng_state(1234 + stage * dims.tp + tp_rank),
-                )  # fmt: skip
-                torch.save(payload, path)
-            del models
+            write_stage(tmp / f"iter_{iteration:07d}", stage)
         check_all_used(present - optional, consumed, where="the IEIT state dict given to write_megatron_checkpoint")
         (tmp / TRACKER_FILE).write_text(f"{iteration}\n" if tracker_newline else str(iteration), encoding="utf-8")
     return root
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+
+def convert_megatron(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    iteration: int | None = None,
+    tokenizer: str | Path | None = None,
+    dtype: str | torch.dtype | None = "bfloat16",
+    rope_theta: float | None = None,
+    token_ids: Mapping[str, int] | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """Convert a Megatron-LM checkpoint (any TP x PP) into a native, Hub-ready ``yuan_m32`` folder.
+
+    Streams one pipeline stage at a time through the same IEIT-layout transforms, shape checks and
+    atomic sharded writer as ``convert ieit-hf``; token ids come from ``tokenizer`` (Megatron args do not
+    record them; without a tokenizer pass ``token_ids`` like ``{"eos": 77185, "sep": 77187}``, else the
+    release's ids are used). Returns a :class:`~yuan_hf.conversion.ieit_hf.ConversionSummary`.
+    """
+    import time
+
+    from ..modeling import YuanM32Config
+    from .ieit_hf import ConversionSummary, NativeStateBuilder, resolve_dtype, write_native_folder
+
+    start = time.perf_counter()
+    torch_dtype = resolve_dtype(dtype)
+    ckpt = MegatronCheckpoint.open(src, iteration=iteration)
+    overrides = None
+    if rope_theta is not None:
+        args = _args_dict(ckpt.args)
+        overrides = {"rope_parameters": {"rope_type": "default", "rope_theta": float(rope_theta),
+                                         "partial_rotary_factor": float(args.get("rotary_percent") or 1.0)}}  # fmt: skip
+    kwargs, notes = native_config_from_args(ckpt.args, overrides=overrides)
+    if token_ids:
+        unknown = set(token_ids) - {"bos", "eos", "pad", "sep"}
+        if unknown:
+            raise ConversionError(f"unknown token id name(s) {sorted(unknown)}; use bos, eos, pad, sep")
+        kwargs |= {f"{name}_token_id": int(value) for name, value in token_ids.items()}
+    elif tokenizer is not None:  # the tokenizer's ids are adopted once it is converted
+        kwargs |= {f"{name}_token_id": None for name in ("bos", "eos", "pad", "sep")}
+    else:
+        release_ids = YuanM32Config().eos_token_id, YuanM32Config().sep_token_id
+        if max(release_ids) >= kwargs["vocab_size"]:
+            raise ConversionError(
+                f"Megatron args record no token ids and the release's (<eod> {release_ids[0]}, <sep> {release_ids[1]}) "
+                f"do not fit this model's vocabulary ({kwargs['vocab_size']}); pass --tokenizer"
+            )
+        notes.append(
+            "token ids: Megatron args do not record them; using the release's (<eod> 77185, <sep> 77187). "
+            "Pass --tokenizer to take them from the tokenizer (and get a complete folder)"
+        )
+    config = YuanM32Config(**kwargs)
+    builder = NativeStateBuilder(config, dtype=torch_dtype)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        stages = iter_ieit_stages(ckpt)
+        for stage in tqdm(stages, total=ckpt.num_stages, desc="converting stages", unit="stage", disable=not progress):
+            for key in list(stage):
+                yield from builder.add(key, stage.pop(key))  # drop each source tensor once converted
+            del stage
+        builder.finish()
+
+    provenance = {
+        "source_format": "megatron",
+        "source": str(Path(src).absolute()),
+        "iteration": ckpt.iteration,
+        "tensor_parallel": ckpt.tp_size,
+        "pipeline_parallel": ckpt.pp_size,
+        "rope_theta": config.rope_parameters["rope_theta"],
+        "dtype": str(torch_dtype or "as stored"),
+        "converter": "yuan-hf convert megatron",
+    }
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        writer = write_native_folder(
+            tmp, config, tensors(), max_shard_size=max_shard_size, provenance=provenance,
+            tokenizer=tokenizer, adopt_token_ids=True,
+        )  # fmt: skip
+    return ConversionSummary(
+        destination=Path(dst),
+        num_parameters=writer.num_parameters,
+        dtype=str(config.dtype).replace("torch.", ""),
+        shards=sorted(p.name for p in Path(dst).glob("*.safetensors")),
+        rope_theta=config.rope_parameters["rope_theta"],
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )

@@ -155,12 +155,27 @@ def load_for_qlora(
         f"{model.get_memory_footprint() / 2**30:.2f} GiB"
     )
     if prepare:
+        _keep_cpu_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         )
     return model
+
+
+def _keep_cpu_4bit_weights_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    On such CPUs the first eval-mode forward rewrites every `Linear4bit` weight in place into an inference-only
+    layout whose matmul has no backward: training after an evaluation (e.g. a loss probe) then gets no gradient
+    through the base weights or dies with SIGFPE. Training keeps the standard layout; no effect on GPUs.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def count_quantized_linears(model: nn.Module) -> dict[str, Any]:

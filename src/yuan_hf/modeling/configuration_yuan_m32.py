@@ -143,6 +143,14 @@ class YuanM32Config(PretrainedConfig):
             "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "max_position_embeddings",
         ):  # fmt: skip
             positive(name)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id"):
+            ids = getattr(self, name, None)
+            for token_id in ids if isinstance(ids, list) else [ids]:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(
+                        f"YuanM32Config.{name} ({token_id}) is outside the vocabulary (vocab_size {self.vocab_size}); "
+                        "set the token ids of your tokenizer"
+                    )
         if self.hidden_size % 2:
             raise ValueError(f"YuanM32Config.hidden_size must be even (the LF gate halves it), got {self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:

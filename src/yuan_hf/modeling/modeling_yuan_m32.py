@@ -493,9 +493,9 @@ class YuanM32PreTrainedModel(PreTrainedModel):
 class YuanM32Model(YuanM32PreTrainedModel):
     def __init__(self, config: YuanM32Config):
         super().__init__(config)
-        self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        # no padding_idx: the release pads with <eod>, whose embedding must keep training
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             [YuanM32DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
