@@ -8,6 +8,7 @@ at the destination) are implemented once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -169,6 +170,14 @@ def atomic_output_dir(dst: str | os.PathLike, *, overwrite: bool = False) -> Ite
         shutil.rmtree(backup, ignore_errors=True)
     else:
         tmp.rename(dst)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (``meta`` tensors: of dtype and shape only)."""
+    digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    if tensor.device.type != "meta":
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def check_all_used(source_keys: Iterable[str], used: set[str], *, where: str) -> None:

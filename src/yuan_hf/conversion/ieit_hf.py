@@ -29,6 +29,7 @@ from .common import (
     KeyTable,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    tensor_digest,
 )
 
 
@@ -298,8 +299,9 @@ class NativeStateBuilder:
             self.expected.pop("lm_head.weight", None)
         self.produced: set[str] = set()
         self.pending: dict[str, torch.Tensor] = {}
-        self.embedding: torch.Tensor | None = None
-        self.lm_head: torch.Tensor | None = None
+        # digests, not tensors: keeping the [V, H] embedding alive would cost a shard's worth of memory
+        self.embedding_digest: str | None = None
+        self.lm_head_digest: str | None = None
 
     def _emit(self, name: str, tensor: torch.Tensor, source: str) -> tuple[str, torch.Tensor]:
         if name not in self.expected:
@@ -322,12 +324,13 @@ class NativeStateBuilder:
         if target is None:
             return
         if target == "lm_head.weight":
-            self.lm_head = tensor
             if not self.config.tie_word_embeddings:
                 yield self._emit(target, tensor, key)
+            else:
+                self.lm_head_digest = tensor_digest(tensor)
             return
-        if target == "model.embed_tokens.weight":
-            self.embedding = tensor
+        if target == "model.embed_tokens.weight" and self.config.tie_word_embeddings:
+            self.embedding_digest = tensor_digest(tensor)
         if target.endswith(("qk_first_half", "qk_second_half")):
             prefix = target.rsplit(".", 1)[0]
             self.pending[target] = tensor
@@ -360,8 +363,8 @@ class NativeStateBuilder:
         if missing:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             raise ConversionError(f"{len(missing)} weight(s) missing from the checkpoint: {shown}")
-        if self.config.tie_word_embeddings and self.lm_head is not None and self.embedding is not None:
-            if not torch.equal(self.lm_head, self.embedding):
+        if self.lm_head_digest is not None and self.embedding_digest is not None:
+            if self.lm_head_digest != self.embedding_digest:
                 raise ConversionError(
                     "lm_head.weight differs from model.embed_tokens.weight although the config ties them "
                     "(tie_word_embeddings true); set tie_word_embeddings to false in config.json if the checkpoint is untied"

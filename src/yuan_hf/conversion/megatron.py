@@ -27,7 +27,6 @@ import codecs
 import collections
 import copy
 import functools
-import hashlib
 import io
 import pickle
 import random
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import SFT_ROPE_THETA, ConversionError, KeyTable, atomic_output_dir, check_all_used
+from .common import SFT_ROPE_THETA, ConversionError, KeyTable, atomic_output_dir, check_all_used, tensor_digest
 
 __all__ = [
     "DROPPED_ENTRIES",
@@ -1140,8 +1139,6 @@ def _owned(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return torch.empty(tensor.shape, dtype=dtype).copy_(tensor)
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def _load_stage_shards(ckpt: MegatronCheckpoint, stage: int) -> list[dict[str, LazyTensor]]:
@@ -1272,8 +1269,8 @@ def _iter_stages(
         tensors = _convert_stage(ckpt, stage, dims, dtype=dtype)
         if check_tied_head and dims.tied and dims.pp > 1:
             if stage == 0:
-                embedding_digest = _digest(tensors["model.embed_tokens.weight"])
-            if stage == dims.pp - 1 and _digest(tensors["lm_head.weight"]) != embedding_digest:
+                embedding_digest = tensor_digest(tensors["model.embed_tokens.weight"])
+            if stage == dims.pp - 1 and tensor_digest(tensors["lm_head.weight"]) != embedding_digest:
                 raise ConversionError(
                     f"{ckpt.stage_files(stage)[0]}: word_embeddings_for_head differs from the first stage's "
                     "word_embeddings although the model is tied; convert with tie_word_embeddings=False "
