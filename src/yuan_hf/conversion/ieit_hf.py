@@ -533,18 +533,32 @@ def convert_ieit_hf(
         "dtype": str(torch_dtype or "as stored"),
         "converter": "yuan-hf convert ieit-hf",
     }
+    return write_converted(
+        dst, config, iter_native_tensors(checkpoint, builder, progress=progress), overwrite=overwrite,
+        started=start, notes=notes, max_shard_size=max_shard_size, provenance=provenance, tokenizer=tokenizer,
+    )  # fmt: skip
+
+
+def write_converted(
+    dst: str | os.PathLike,
+    config: YuanM32Config,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    overwrite: bool,
+    started: float,
+    notes: list[str],
+    **folder_options,
+) -> ConversionSummary:
+    """The tail every converter shares: write the native folder atomically and summarise it."""
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        writer = write_native_folder(
-            tmp, config, iter_native_tensors(checkpoint, builder, progress=progress),
-            max_shard_size=max_shard_size, provenance=provenance, tokenizer=tokenizer,
-        )  # fmt: skip
+        writer = write_native_folder(tmp, config, tensors, **folder_options)
     return ConversionSummary(
         destination=Path(dst),
         num_parameters=writer.num_parameters,
         dtype=str(config.dtype).replace("torch.", ""),
         shards=sorted(p.name for p in Path(dst).glob("*.safetensors")),
         rope_theta=config.rope_parameters["rope_theta"],
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - started,
         notes=notes,
     )
 

@@ -1469,7 +1469,7 @@ def convert_megatron(
     import time
 
     from ..modeling import YuanM32Config
-    from .ieit_hf import ConversionSummary, NativeStateBuilder, resolve_dtype, write_native_folder
+    from .ieit_hf import NativeStateBuilder, resolve_dtype, write_converted
 
     start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype)
@@ -1519,17 +1519,7 @@ def convert_megatron(
         "dtype": str(torch_dtype or "as stored"),
         "converter": "yuan-hf convert megatron",
     }
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        writer = write_native_folder(
-            tmp, config, tensors(), max_shard_size=max_shard_size, provenance=provenance,
-            tokenizer=tokenizer, adopt_token_ids=True,
-        )  # fmt: skip
-    return ConversionSummary(
-        destination=Path(dst),
-        num_parameters=writer.num_parameters,
-        dtype=str(config.dtype).replace("torch.", ""),
-        shards=sorted(p.name for p in Path(dst).glob("*.safetensors")),
-        rope_theta=config.rope_parameters["rope_theta"],
-        seconds=time.perf_counter() - start,
-        notes=notes,
-    )
+    return write_converted(
+        dst, config, tensors(), overwrite=overwrite, started=start, notes=notes, max_shard_size=max_shard_size,
+        provenance=provenance, tokenizer=tokenizer, adopt_token_ids=True,
+    )  # fmt: skip
