@@ -306,3 +306,13 @@ def test_full_size_parameter_count_on_meta():
     per_expert = 3 * 2048 * 8192
     active = total - 24 * 30 * per_expert  # 2 of 32 experts run per token
     assert abs(active - 3.70e9) < 0.05e9 or abs(active - 3.70e9 - 135040 * 2048) < 0.05e9, active
+
+
+def test_plain_4bit_loading_keeps_the_router_unquantized(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    make_model().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    layer = model.model.layers[0]
+    assert type(layer.mlp.gate.query) is torch.nn.Linear and layer.mlp.gate.query.weight.dtype == torch.float32
+    assert type(layer.mlp.experts[0].gate_proj).__name__ == "Linear4bit"

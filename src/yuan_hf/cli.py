@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", help="e.g. your-name/Yuan2-M32-hf-native")
     push.add_argument("--private", action="store_true")
     push.add_argument("--license", default=None, help="license field of the generated model card")
+    tune = sub.add_parser("finetune", help="LoRA / QLoRA fine-tuning from a YAML recipe (see recipes/)")
+    tune.add_argument("recipe", help="e.g. recipes/qlora_16k.yaml")
+    tune.add_argument("overrides", nargs="*", help="recipe values to override, e.g. data.train_file=my.jsonl")
     demo = sub.add_parser("demo", help="the main job on built-in tiny random weights (no downloads)")
     demo.add_argument("--workdir", default=None, help="keep the produced folders here (default: a temp dir)")
     return parser
@@ -115,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(push_to_hub(args.dir, args.repo_id, private=args.private, license=args.license))
             return 0
+        if args.command == "finetune":
+            from .finetune import finetune_main
+
+            return finetune_main(args.recipe, args.overrides)
         if args.command == "demo":
             from .demo import run_demo
 

@@ -8,7 +8,6 @@ transformers ships (linear, dynamic, yarn), always keeping Yuan's `partial_rotar
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from torch import nn
@@ -108,8 +107,7 @@ def extend_context(
         )
     if target_length <= original:
         logger.info(
-            f"extend_context: target length {target_length} <= trained length {original}; RoPE left unchanged "
-            f"({rope})."
+            f"extend_context: target length {target_length} <= trained length {original}; RoPE left unchanged ({rope})."
         )
         return config_or_model
     scale = target_length / original

@@ -156,7 +156,7 @@ def encode_chat(messages: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[s
         input_ids, mask = list(rendered["input_ids"]), list(rendered["assistant_masks"])
     else:
         input_ids, mask = _assistant_mask_by_prefixes(messages, tokenizer)
-    labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask)]
+    labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask, strict=True)]
     if all(label == IGNORE_INDEX for label in labels):
         raise _SampleError(
             "the chat template marks no assistant token to learn (e.g. the conversation ends with a user turn, or "
@@ -229,7 +229,9 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
 # --------------------------------------------------------------------------------------------- length & packing
 
 
-def fit_length(example: dict[str, list[int]], max_length: int, overlong: str) -> tuple[dict[str, list[int]] | None, str]:
+def fit_length(
+    example: dict[str, list[int]], max_length: int, overlong: str
+) -> tuple[dict[str, list[int]] | None, str]:
     """Apply the over-long policy. Returns (example or None, "kept" | "truncated" | "dropped").
 
     `"truncate"` keeps the first `max_length` tokens (the answer's end is lost) and drops the sample when no
@@ -372,7 +374,9 @@ def build_sft_dataset(
         more = f"\n  ... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
         message = f"{len(errors)} malformed record(s) in {stats.source}:\n  {listed}{more}"
         if on_malformed == "raise":
-            raise SFTDataError(message + "\nFix them, or set on_malformed='skip' (data.on_malformed: skip) to skip them.")
+            raise SFTDataError(
+                message + "\nFix them, or set on_malformed='skip' (data.on_malformed: skip) to skip them."
+            )
         stats.malformed = len(errors)
         logger.warning(message + "\n(skipped: on_malformed='skip')")
     if not samples:

@@ -109,7 +109,9 @@ def validate_lora_targets(model: nn.Module, config: LoraConfig) -> None:
         if not any(name == module or name.endswith("." + module) for name in names):
             missing.append(f"{module} (modules_to_save)")
     if missing:
-        linear_leaves = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
+        linear_leaves = sorted(
+            {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+        )
         raise ValueError(
             f"LoRA targets {missing} match no module of {type(model).__name__}. Linear module names there: "
             f"{linear_leaves}. Fix the names (presets: {tuple(LORA_PRESETS)}; the attention router is "

@@ -43,10 +43,14 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.nan)$"),
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.inf|\.nan)$"
+    ),
     list("-+0123456789."),
 )
 
@@ -154,7 +158,9 @@ class Recipe:
         if self.model.loss_chunk_size is not None and (
             not isinstance(self.model.loss_chunk_size, int) or self.model.loss_chunk_size < 0
         ):
-            raise RecipeError(f"recipe key model.loss_chunk_size: expected an integer >= 0, got {self.model.loss_chunk_size!r}")
+            raise RecipeError(
+                f"recipe key model.loss_chunk_size: expected an integer >= 0, got {self.model.loss_chunk_size!r}"
+            )
         choice("quantization.bits", self.quantization.bits, QUANT_BITS)
         choice("quantization.quant_type", self.quantization.quant_type, QUANT_TYPES)
         choice("lora.preset", self.lora.preset, tuple(LORA_PRESETS))
@@ -229,7 +235,9 @@ def recipe_from_dict(values: dict[str, Any], *, source: str = "<dict>") -> Recip
         allowed = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(section) - allowed)
         if bad:
-            raise RecipeError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in bad]}; section {name} takes {sorted(allowed)}")
+            raise RecipeError(
+                f"{source}: unknown key(s) {[f'{name}.{k}' for k in bad]}; section {name} takes {sorted(allowed)}"
+            )
         kwargs[name] = cls(**section)
     train = values.get("train") or {}
     if not isinstance(train, dict):

@@ -121,7 +121,9 @@ def load_model(recipe: Recipe, config: Any, args: TrainingArguments) -> nn.Modul
     model = apply_lora(model, peft_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info(f"LoRA ({lora.preset}, r={lora.r}, router {recipe.moe.router}): {trainable:,} of {total:,} parameters train")
+    logger.info(
+        f"LoRA ({lora.preset}, r={lora.r}, router {recipe.moe.router}): {trainable:,} of {total:,} parameters train"
+    )
     return model
 
 
@@ -163,7 +165,9 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     """Train as the recipe says; returns (and on rank 0 writes) the metrics."""
     set_seed(recipe.seed)
     args = training_arguments(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path, revision=recipe.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(
+        recipe.model.tokenizer or recipe.model.path, revision=recipe.model.revision
+    )
     config = load_config(recipe)
     model = load_model(recipe, config, args)
     if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):

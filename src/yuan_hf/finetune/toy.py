@@ -30,9 +30,7 @@ TOY_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 # The same rendering without generation markers (exercises the prefix-difference masking path).
-TOY_CHAT_TEMPLATE_NO_MARKERS = (
-    TOY_CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
-)
+TOY_CHAT_TEMPLATE_NO_MARKERS = TOY_CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
 
 
 def toy_tokenizer(*, vocab_size: int = 512, chat_template: str | None = TOY_CHAT_TEMPLATE) -> Any:
@@ -76,7 +74,9 @@ def toy_sft_records(
         prompt = " ".join(f"w{i}" for i in words)
         response = " ".join(f"w{i + ANSWER_OFFSET}" for i in reversed(words))
         if rng.random() < chat_fraction:
-            records.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]})
+            records.append(
+                {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+            )
         else:
             records.append({"prompt": prompt, "response": response})
     return records

@@ -40,7 +40,8 @@ class YuanM32Config(PretrainedConfig):
         output_router_logits: Return router logits (and the aux loss) by default.
         router_aux_loss_coef: Weight of the load-balancing loss added to the LM loss (0: IEIT trained without).
         loss_chunk_size: With labels, compute the LM loss this many tokens at a time so the [tokens, vocab] fp32
-            logits are never materialised (0: the standard full-logits loss, logits returned).
+            logits are never materialised (0: the standard full-logits loss, logits returned). 1024 keeps a
+            chunk's logits and their gradient near 1 GB with the 135040 vocabulary at no measured speed cost.
         layer_types: Must be `["hybrid"] * num_hidden_layers`: each layer caches K/V plus the LF-gate conv state.
     """
 
@@ -90,7 +91,7 @@ class YuanM32Config(PretrainedConfig):
         sep_token_id: int | None = 77187,
         output_router_logits: bool = False,
         router_aux_loss_coef: float = 0.0,
-        loss_chunk_size: int = 4096,
+        loss_chunk_size: int = 1024,
         layer_types: list[str] | None = None,
         **kwargs,
     ):

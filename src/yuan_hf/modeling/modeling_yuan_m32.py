@@ -93,7 +93,8 @@ class YuanM32RotaryEmbedding(nn.Module):
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: [b, s] -> cos, sin: [b, s, rotary_dim]
-        if not self._warned_long and not torch.compiler.is_compiling():
+        # dynamic NTK scaling is meant to run past the trained length: no warning for it
+        if not self._warned_long and self.rope_type != "dynamic" and not torch.compiler.is_compiling():
             longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
             if longest > self.original_max_seq_len:
                 logger.warning_once(
@@ -442,7 +443,10 @@ class YuanM32PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["YuanM32DecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
-    _keep_in_fp32_modules_strict = ["mlp.gate"]  # the router runs in fp32 (as IEIT trained it), also under bf16
+    # the router runs in fp32 (as IEIT trained it), also under bf16; the non-strict list is what quantizers
+    # read to leave modules unquantized, and it matches module names, hence the three Linears by name
+    _keep_in_fp32_modules_strict = ["mlp.gate"]
+    _keep_in_fp32_modules = ["mlp.gate.query", "mlp.gate.key", "mlp.gate.value"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -635,7 +639,7 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast:
         r"""Causal LM forward. `labels` ([b, s], -100 = ignored) are shifted inside, as in every transformers LM.
 
-        With labels and `config.loss_chunk_size > 0` (the default, 4096 tokens) the loss is computed in chunks
+        With labels and `config.loss_chunk_size > 0` (the default, 1024 tokens) the loss is computed in chunks
         and the full logits are never built: `logits` is then `None` unless `logits_to_keep` asks for some
         positions. Set `config.loss_chunk_size = 0` for the standard path (full logits returned with the loss).
 
