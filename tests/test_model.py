@@ -260,7 +260,7 @@ def test_longer_than_max_positions_runs_and_warns_once(caplog):
         out = model(ids(1, 40))
         model(ids(1, 41))
     assert out.logits.shape == (1, 40, model.config.vocab_size)
-    assert sum("exceed max_position_embeddings" in r.getMessage() for r in caplog.records) == 1
+    assert sum("exceeds max_position_embeddings" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_invalid_config_values_name_the_field():

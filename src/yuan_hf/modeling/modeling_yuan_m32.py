@@ -80,7 +80,6 @@ class YuanM32RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = rope_init_fn(config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
-        self._warned_long = False
 
     @staticmethod
     def compute_default_rope_parameters(config: YuanM32Config, device=None, **kwargs) -> tuple[torch.Tensor, float]:
@@ -93,16 +92,6 @@ class YuanM32RotaryEmbedding(nn.Module):
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: [b, s] -> cos, sin: [b, s, rotary_dim]
-        # dynamic NTK scaling is meant to run past the trained length: no warning for it
-        if not self._warned_long and self.rope_type != "dynamic" and not torch.compiler.is_compiling():
-            longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
-            if longest > self.original_max_seq_len:
-                logger.warning_once(
-                    f"Yuan 2.0-M32: positions up to {longest} exceed max_position_embeddings "
-                    f"({self.original_max_seq_len}); RoPE is computed for them, but quality beyond the trained "
-                    "length is not guaranteed (see yuan_hf.finetune.extend_context)."
-                )
-                self._warned_long = True
         if self.config.rope_in_bfloat16:
             inv = self.inv_freq.to(x.device, torch.bfloat16)
             freqs = position_ids[..., None].to(torch.bfloat16) * inv  # bf16 product, as IEIT's einsum
@@ -156,13 +145,15 @@ class YuanM32LocalizedFiltering(nn.Module):
 
     @staticmethod
     def _causal_conv(window: torch.Tensor, conv: nn.Conv1d, has_prev: torch.Tensor) -> torch.Tensor:
-        """window: [b, n+1, C_in] (inputs t-1..t+n-1 ... one step of left context) -> [b, n, C_out].
+        """window: [b, n+1, C_in] (one step of left context) -> [b, n, C_out].
 
-        Output j uses window[j] (previous, gated by has_prev[:, j]) and window[j+1] (current).
+        Output j = W[..., 0] window[j] (the previous step, gated by has_prev[:, j]) + W[..., 1] window[j+1] + b,
+        as one GEMM against the Conv1d weight viewed as [C_out, C_in * 2] (a free view: channels interleave
+        with the two taps, so the input interleaves (previous, current) per channel to match).
         """
-        current = F.linear(window[:, 1:], conv.weight[..., 1], conv.bias)
-        previous = F.linear(window[:, :-1], conv.weight[..., 0])
-        return current + previous * has_prev[..., None].to(previous.dtype)
+        previous = window[:, :-1] * has_prev[..., None].to(window.dtype)
+        taps = torch.stack((previous, window[:, 1:]), dim=-1).flatten(-2)  # [b, n, C_in * 2]
+        return F.linear(taps, conv.weight.flatten(1), conv.bias)
 
     def forward(
         self,
@@ -532,10 +523,11 @@ class YuanM32Model(YuanM32PreTrainedModel):
         fresh_cache = use_cache and past_key_values is None
         if fresh_cache:
             past_key_values = DynamicCache(config=self.config)
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
+        self._warn_if_beyond_trained_length(past_seen_tokens + inputs_embeds.shape[1])
 
         if isinstance(attention_mask, dict):  # prepared by generate (static cache): one mask per kind of layer
             causal_mask = attention_mask["full_attention"]
@@ -570,6 +562,20 @@ class YuanM32Model(YuanM32PreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def _warn_if_beyond_trained_length(self, length: int) -> None:
+        """One warning when a sequence passes max_position_embeddings (host-side lengths only: no device sync).
+
+        RoPE is computed per position, so longer inputs run; dynamic NTK scaling is meant to run past it.
+        """
+        limit = self.config.max_position_embeddings
+        if length > limit and self.rotary_emb.rope_type != "dynamic" and not getattr(self, "_warned_long", False):
+            logger.warning(
+                f"Yuan 2.0-M32: a sequence of {length} tokens exceeds max_position_embeddings ({limit}); RoPE is "
+                "computed for it, but quality beyond the trained length is not guaranteed "
+                "(see yuan_hf.finetune.extend_context)."
+            )
+            self._warned_long = True
 
 
 def _chunk_loss_sum(hidden_chunk: torch.Tensor, labels_chunk: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
