@@ -1,34 +1,47 @@
 #!/usr/bin/env python
 """CPU inference throughput of Yuan 2.0-M32 (yuan_hf) next to transformers' own MoE models at matched sizes.
 
-Measures, for every model and dtype, side by side in ONE process with the same thread count, alternating the
-models inside every repetition (so background load hits them alike):
+Measures, for every model and dtype, side by side in ONE process with the same thread count (the models
+alternate every repetition, and every token in manual decode, so background load hits them alike):
 
 * prefill tokens/s: one forward of `--prefill-shapes` prompts (e.g. 1x512, 4x128) with a cache, as `generate`'s
   first step does (`use_cache=True, logits_to_keep=1`);
 * decode tokens/s at `--contexts` tokens of context: a prompt is prefilled once, then every repetition decodes
-  `--new-tokens` greedy tokens from a copy of that cache, one forward per token; each token is timed on its own,
+  `--new-tokens` greedy tokens from a copy of that cache, one forward per token, each token timed on its own,
   so prefill is excluded (`--decode-method manual`, default) -- or the same through `model.generate` with
   `min_new_tokens=max_new_tokens` and a logits processor that timestamps every step (`--decode-method generate`);
 * decode time per token against the number of generated tokens (first vs last `--window` tokens, and a
-  least-squares slope) next to the attention-only expectation `(t(ctx_max) - t(ctx_min)) / (ctx_max - ctx_min)`;
+  least-squares slope) next to the cost of one more cached token, `(t(ctx_max) - t(ctx_min)) / (ctx_max - ctx_min)`;
 * peak memory: growth of the process' peak RSS (VmHWM, reset through /proc/self/clear_refs) over the RSS before
-  the workload, after `malloc_trim` -- i.e. activations, KV/conv cache and allocator slack, not the weights
-  (reported apart as parameter bytes);
+  the workload, after `malloc_trim` -- activations, KV/conv cache and allocator slack, not the weights
+  (reported apart as parameter bytes); tracemalloc would not see torch's allocations;
 * parameter counts (total and active per token) and analytic FLOPs per token, cross-checked with
-  `torch.utils.flop_counter.FlopCounterMode` on one decode step.
+  `torch.utils.flop_counter.FlopCounterMode` on one decode step (which does not count CPU SDPA).
 
 Random weights (seeded), no checkpoint, no network. Default config: hidden 1024, 8 layers, 32 experts top-2,
 expert FFN 2048, 8 heads of head_dim 256 (attention width 2H, as Yuan), vocab 32000, tied embeddings. The
 Qwen2-MoE baseline uses the same sizes with the shared expert disabled (`shared_expert_intermediate_size=0`:
-its 1-wide shared-expert gate and empty Linears still run, a negligible cost) and no QKV bias.
+its 1-wide shared-expert gate and empty Linears still run, a negligible cost), no QKV bias and normalised top-k;
+Mixtral (optional) likewise. Fairness measures, each explained where it is implemented:
+
+* the models share the tensors they have in common (embeddings, Q/K/V/O, expert FFNs) as views of one model's,
+  so two fp32 models fit in RAM (`--no-share` to give each its own);
+* `--routing balanced` (default): every router still runs, but all models then use the same evenly loaded
+  expert schedule -- random routers are unbalanced, differently for each architecture (`--routing model`);
+* all parameters require grad, as after `from_pretrained` (it changes some CPU kernels even in inference mode);
+* `--wait-idle S` waits up to S seconds before each timed sample for other processes to go quiet, and the
+  report gives the CPU share other processes used: with 2 threads on 2 shared cores, OpenMP regions stall
+  whenever another process holds a core.
 
 Run from the repository root:
 
-    PYTHONPATH=src python benchmarks/inference_throughput.py                      # defaults, < 10 min on 2 cores
-    PYTHONPATH=src python benchmarks/inference_throughput.py --dtypes fp32 --reps 5 --models yuan,qwen2moe,mixtral
+    PYTHONPATH=src python benchmarks/inference_throughput.py                      # defaults, ~4.5 min on 2 idle cores
+    PYTHONPATH=src python benchmarks/inference_throughput.py --reps 5 --wait-idle 5 --markdown out.md
+    PYTHONPATH=src python benchmarks/inference_throughput.py --models yuan,qwen2moe,mixtral --dtypes bf16 \
+        --decode-method generate
     PYTHONPATH=src python benchmarks/inference_throughput.py --hidden 256 --layers 2 --experts 8 --ffn 512 \
-        --head-dim 64 --heads 8 --vocab 4096 --contexts 32,64 --new-tokens 16 --prefill-shapes 1x64 --reps 1   # smoke
+        --head-dim 64 --heads 8 --vocab 4096 --contexts 32,64 --new-tokens 16 --window 4 --prefill-shapes 1x64 \
+        --reps 1   # smoke test, seconds
 """
 
 from __future__ import annotations
@@ -131,14 +144,58 @@ def build_model(name: str, args: argparse.Namespace, owner: torch.nn.Module | No
         kwargs["experts_implementation"] = args.experts_implementation
     torch.manual_seed(args.seed)
     if owner is None:
-        return model_class(name)._from_config(config, dtype=torch.float32, **kwargs).eval()
-    with torch.device("meta"):
         model = model_class(name)._from_config(config, dtype=torch.float32, **kwargs)
-    attach_shared(model, owner, init_rest=True)
-    rotary = model.model.rotary_emb  # non-persistent buffers: rebuild on the CPU
-    model.model.rotary_emb = type(rotary)(model.config)
-    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "unmaterialised tensor"
+    else:
+        with torch.device("meta"):
+            model = model_class(name)._from_config(config, dtype=torch.float32, **kwargs)
+        attach_shared(model, owner, init_rest=True)
+        rotary = model.model.rotary_emb  # non-persistent buffers: rebuild on the CPU
+        model.model.rotary_emb = type(rotary)(model.config)
+        assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()]), "unmaterialised tensor"
+    wrap_routers(model, args)
     return model.eval()
+
+
+class RoutingStats:
+    """Experts hit and largest expert load per router call with more than one token (prefill)."""
+
+    def __init__(self):
+        self.hit: list[int] = []
+        self.max_load: list[int] = []
+        self.tokens: list[int] = []
+
+
+def wrap_routers(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Every layer's router (`mlp.gate`, returning (logits, top-k weights, top-k ids) in all three models) keeps
+    its computation; with `--routing balanced` (default) its expert ids are replaced by a fixed pseudo-random
+    schedule that gives every expert the same number of token slots (identical for all models), so the models
+    run the same expert work. Random routers are not balanced, and differently so: at seed 0, prefill 4x128,
+    Qwen2-MoE's linear gate sends tokens to only 22-31 of 32 experts per layer, Yuan's attention router to all
+    32 -- that alone made Yuan's experts ~25% slower in prefill. `--routing model` keeps the models' choice."""
+    stats = RoutingStats()
+    model._bench_routing = stats
+    E = args.experts
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    for layer in model.model.layers:
+        gate = layer.mlp.gate
+        perm = torch.randperm(E, generator=gen)
+        step = [0]
+
+        def forward(hidden_states, _orig=gate.forward, _perm=perm, _step=step):
+            logits, weights, ids = _orig(hidden_states)
+            if args.routing == "balanced":
+                T, k = ids.shape
+                slots = torch.arange(T * k) + _step[0] * k
+                _step[0] += T
+                ids = _perm[slots % E].view(T, k).to(ids.device, ids.dtype)  # k consecutive slots: k distinct experts
+            if ids.shape[0] > 1:
+                counts = torch.bincount(ids.reshape(-1), minlength=E)
+                stats.hit.append(int((counts > 0).sum()))
+                stats.max_load.append(int(counts.max()))
+                stats.tokens.append(ids.shape[0])
+            return logits, weights, ids
+
+        gate.forward = forward
 
 
 def _shared_source(name: str, owner_params: dict, ffn: int) -> torch.Tensor | None:
@@ -169,8 +226,11 @@ def attach_shared(model: torch.nn.Module, owner: torch.nn.Module, init_rest: boo
         module = model.get_submodule(module_name)
         ffn = getattr(model.config, "moe_intermediate_size", None) or model.config.intermediate_size
         src = _shared_source(name, owner_params, ffn)
+        # requires_grad=True as in the owner and in from_pretrained: it changes kernels even under inference_mode
+        # (bf16 F.linear on a strided 3-D input, e.g. logits_to_keep=1 with batch > 1, takes a ~80x slower
+        # bmm path when the weight does not require grad)
         if src is not None and tuple(src.shape) == tuple(p.shape):
-            module._parameters[attr] = torch.nn.Parameter(src.detach(), requires_grad=False)
+            module._parameters[attr] = torch.nn.Parameter(src.detach(), requires_grad=True)
             shared.append(name)
         elif init_rest and p.is_meta:
             t = torch.empty(p.shape, dtype=torch.float32)
@@ -180,7 +240,7 @@ def attach_shared(model: torch.nn.Module, owner: torch.nn.Module, init_rest: boo
                 t.fill_(1.0)
             else:
                 t.normal_(0.0, std)
-            module._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+            module._parameters[attr] = torch.nn.Parameter(t, requires_grad=True)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model._bench_shared = shared
@@ -191,7 +251,7 @@ def detach_shared(model: torch.nn.Module) -> None:
     for name in getattr(model, "_bench_shared", []):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[attr] = torch.nn.Parameter(torch.empty(module._parameters[attr].shape, device="meta"), requires_grad=False)
+        module._parameters[attr] = torch.nn.Parameter(torch.empty(module._parameters[attr].shape, device="meta"))
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -349,6 +409,22 @@ def decode_manual(model, cache, first_token: torch.Tensor, new_tokens: int) -> t
     return times, tokens
 
 
+def decode_interleaved(models: dict, caches: dict, first_tokens: dict, new_tokens: int) -> dict:
+    """`decode_manual` for several models at once, alternating the models token by token, so that a burst of
+    background load lands on all of them alike. Returns {name: (per-token seconds, tokens)}."""
+    out = {name: ([], []) for name in models}
+    toks = dict(first_tokens)
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                logits = model(input_ids=toks[name], past_key_values=caches[name], use_cache=True).logits
+                toks[name] = logits[:, -1:].argmax(-1)
+                out[name][1].append(int(toks[name]))
+                out[name][0].append(time.perf_counter() - t0)
+    return out
+
+
 def decode_generate(model, cache, prompt: torch.Tensor, new_tokens: int) -> tuple[list[float], list[int]]:
     """Greedy `generate` (forced length) from a cache holding all prompt tokens but the last one; per-step times
     from a timestamping logits processor. The first step (the prompt's last token + generate's set-up) is
@@ -419,9 +495,18 @@ def machine_description(threads: int) -> dict:
     with contextlib.suppress(OSError):
         with open("/proc/meminfo") as f:
             mem = int(f.readline().split()[1]) / 2**20
+    import subprocess
+
     import transformers
 
+    commit = "?"
+    with contextlib.suppress(Exception):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True, text=True).stdout
+        commit += " (src/ modified)" if dirty.strip() else ""
     return {
+        "commit": commit,
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "ram_gib": round(mem, 1),
@@ -451,6 +536,24 @@ def other_cpu_share(start: tuple[float, float, float]) -> float:
     return max(0.0, ((busy - start[0]) - (own - start[1])) / ((wall - start[2]) * (os.cpu_count() or 1)))
 
 
+WAITED = {"s": 0.0, "n": 0}
+
+
+def wait_idle(args) -> None:
+    """With --wait-idle S: before a timed sample, wait (at most S seconds) until other processes use less than
+    --idle-threshold of the CPUs over a 0.25 s window. The machine this was written on is shared."""
+    if args.wait_idle <= 0:
+        return
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < args.wait_idle:
+        snap = cpu_snapshot()
+        time.sleep(0.25)
+        if other_cpu_share(snap) < args.idle_threshold:
+            break
+    WAITED["s"] += time.perf_counter() - t0
+    WAITED["n"] += 1
+
+
 def loadavg() -> str:
     with contextlib.suppress(OSError):
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -477,6 +580,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--qwen-shared-ffn", type=int, default=0, help="Qwen2-MoE shared expert width (0: none)")
     p.add_argument("--yuan-router", default="attention", choices=["attention", "linear"])
+    p.add_argument("--routing", default="balanced", choices=["balanced", "model"],
+                   help="balanced: same pseudo-random, evenly loaded expert schedule for every model (router still computed); model: the random routers' own choice")
     p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--experts-implementation", default=None, help="for the transformers models: grouped_mm (their default), batched_mm, eager")
     p.add_argument("--prefill-shapes", default="1x512,4x128", help="comma list of BATCHxSEQ")
@@ -486,6 +591,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-method", default="manual", choices=["manual", "generate"])
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (decode warm-up uses 8 tokens)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions; medians are reported")
+    p.add_argument("--wait-idle", type=float, default=0.0, help="before each timed sample wait up to this many seconds for other processes to go quiet (0: off)")
+    p.add_argument("--idle-threshold", type=float, default=0.15, help="share of the CPUs other processes may use for --wait-idle")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--no-share", action="store_true", help="give every model its own weights (needs ~7 GB more RAM in fp32)")
     p.add_argument("--skip-flop-count", action="store_true")
@@ -583,6 +690,8 @@ def main(argv=None) -> dict:
 
         cpu0 = cpu_snapshot()
         measure_memory = not args.skip_memory
+        for m in models.values():
+            m._bench_routing.__init__()  # routing statistics of this dtype's prefills
 
         # ---- prefill: warm-up (the first one also measures peak memory), then reps alternating the models
         for shape, ids in prefill_inputs.items():
@@ -599,6 +708,7 @@ def main(argv=None) -> dict:
             samples = {name: [] for name in models}
             for _ in range(args.reps):
                 for name, m in models.items():
+                    wait_idle(args)
                     samples[name].append(prefill_once(m, ids))
             for name in models:
                 t = statistics.median(samples[name])
@@ -628,15 +738,19 @@ def main(argv=None) -> dict:
                     res[name]["memory"][f"prefill {ctx} + decode {warm_tokens}"] = r["bytes"]
             dec = {name: DecodeResult() for name in models}
             for _ in range(args.reps):
-                for name, m in models.items():
-                    cache = copy.deepcopy(caches[name][0])
-                    if args.decode_method == "manual":
-                        times, toks = decode_manual(m, cache, caches[name][1], args.new_tokens)
-                    else:
-                        times, toks = decode_generate(m, cache, prompt, args.new_tokens)
+                if args.decode_method == "manual":  # models alternate token by token
+                    wait_idle(args)
+                    copies = {name: copy.deepcopy(c[0]) for name, c in caches.items()}
+                    runs = decode_interleaved(models, copies, {name: c[1] for name, c in caches.items()}, args.new_tokens)
+                    del copies
+                else:  # models alternate run by run
+                    runs = {}
+                    for name, m in models.items():
+                        wait_idle(args)
+                        runs[name] = decode_generate(m, copy.deepcopy(caches[name][0]), prompt, args.new_tokens)
+                for name, (times, toks) in runs.items():
                     dec[name].runs.append(times)
                     dec[name].tokens.append(toks)
-                    del cache
             del caches
             for name, d in dec.items():
                 if any(t != d.tokens[0] for t in d.tokens):
@@ -660,10 +774,22 @@ def main(argv=None) -> dict:
         if measure_memory:
             for name in models:
                 log(f"[{dname}] peak RSS delta {name:>9}: " + ", ".join(f"{k}: {v/2**20:.0f} MiB" for k, v in res[name]["memory"].items()))
+        for name, m in models.items():
+            st = m._bench_routing
+            if st.hit:
+                res[name]["routing"] = {
+                    "experts_hit": statistics.fmean(st.hit),
+                    "max_over_mean_load": statistics.fmean(
+                        mx / (t * args.top_k / args.experts) for mx, t in zip(st.max_load, st.tokens)
+                    ),
+                }
+                log(f"[{dname}] routing {name:>9}: experts hit per layer {res[name]['routing']['experts_hit']:.1f} of {args.experts}, "
+                    f"max/mean expert load {res[name]['routing']['max_over_mean_load']:.2f} ({args.routing})")
         res["_other_cpu_share"] = other_cpu_share(cpu0)
         log(f"[{dname}] done at {time.perf_counter() - t_start:.0f}s, loadavg {loadavg()}, CPU share used by other processes {res['_other_cpu_share']:.0%}")
 
     env["loadavg_end"] = loadavg()
+    env["waited_for_idle_s"] = round(WAITED["s"], 1)
     env["total_s"] = round(time.perf_counter() - t_start, 1)
     report = render_markdown(command, env, args, info, results)
     log("\n" + report)
@@ -685,15 +811,18 @@ def render_markdown(command: str, env: dict, args, info: dict, results: dict) ->
     L.append(
         f"Machine: {env['cpu']}, {env['logical_cpus']} logical CPUs, {env['ram_gib']} GiB RAM, torch CPU capability "
         f"{env['cpu_capability']}, `torch.set_num_threads({env['threads']})`; {env['os']}. Versions: Python {env['python']}, "
-        f"torch {env['torch']}, transformers {env['transformers']}. Date: {env['date']}. Load average at start / end: "
-        f"{env['loadavg_start']} / {env['loadavg_end']}. Total runtime {env['total_s']} s.\n"
+        f"torch {env['torch']}, transformers {env['transformers']}; yuan_hf at commit {env['commit']}. Date: {env['date']}. Load average at start / end: "
+        f"{env['loadavg_start']} / {env['loadavg_end']}. Total runtime {env['total_s']} s"
+        + (f", of which {env['waited_for_idle_s']} s waiting for other processes to go quiet (--wait-idle)" if env["waited_for_idle_s"] else "")
+        + ".\n"
     )
     L.append(
         f"Config: hidden {args.hidden}, {args.layers} layers, {args.heads} heads x head_dim {args.head_dim} "
         f"(attention width {args.heads * args.head_dim}), kv heads {args.kv_heads or args.heads}, {args.experts} experts "
         f"top-{args.top_k}, expert FFN {args.ffn}, vocab {args.vocab}, tied embeddings, random weights (seed {args.seed}); "
-        f"Qwen2-MoE shared expert width {args.qwen_shared_ffn}. Decode: `{args.decode_method}`, {args.new_tokens} new "
-        f"tokens per repetition; warm-up {args.warmup}, {args.reps} repetitions alternating the models.\n"
+        f"Qwen2-MoE shared expert width {args.qwen_shared_ffn}. Routing: `{args.routing}`. Decode: `{args.decode_method}`, {args.new_tokens} new "
+        f"tokens per repetition; warm-up {args.warmup}, {args.reps} repetitions; the models alternate every "
+        f"repetition (prefill, generate) or every token (manual decode). Medians, [best repetition].\n"
     )
     ctx_list = ", ".join(map(str, args.contexts))
     shapes = list(next(iter(info.values()))["flops_prefill_token"])
@@ -763,6 +892,10 @@ def render_markdown(command: str, env: dict, args, info: dict, results: dict) ->
         for key in res[names[0]]["memory"]:
             row(f"peak RSS delta, {key} (MiB)", {n: res[n]["memory"][key] / 2**20 for n in names}, higher_better=False, fmt="{:.0f}")
         row("weights (MiB)", {n: res[n]["weights_bytes"] / 2**20 for n in names}, higher_better=False, fmt="{:.0f}")
+        if all("routing" in res[n] for n in names):
+            cells = [f"{res[n]['routing']['experts_hit']:.1f} / {res[n]['routing']['max_over_mean_load']:.2f}" for n in names]
+            L.append(f"| multi-token forwards: experts hit per layer (of {args.experts}) / max-to-mean expert load "
+                     f"(routing: {args.routing}) | " + " | ".join(cells) + " |" + blank_ratios)
         L.append("")
     L.append(
         "Ratios: Yuan / baseline throughput (> 1: Yuan faster), the bracketed one from the best repetitions; memory rows "

@@ -676,10 +676,10 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
             )  # fmt: skip
             if logits_to_keep:
                 slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-                logits = self.lm_head(hidden_states[:, slice_indices, :])
+                logits = self.lm_head(hidden_states[:, slice_indices, :].contiguous())  # strided slices hit slow CPU kernels
         else:
             slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            logits = self.lm_head(hidden_states[:, slice_indices, :].contiguous())  # strided slices hit slow CPU kernels
             if labels is not None:
                 loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
 
