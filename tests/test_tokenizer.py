@@ -27,16 +27,7 @@ from yuan_hf.conversion.tokenizer import (
 )
 
 
-def fixtures_dir() -> Path:
-    """`../shared/fixtures` next to the repository: skip when absent, fail under CI (which must have it)."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-    if not path.is_dir():
-        reason = f"reference fixtures not found at {path} (IEIT's material, kept outside the repository)"
-        if os.environ.get("CI"):
-            pytest.fail(reason + "; CI must provide them")
-        pytest.skip(reason)
-    return path
-
+from conftest import fixtures_dir
 
 SPECIALS = [EOD_TOKEN, *YUAN_EXTRA_TOKENS]
 SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIALS) + ")")
