@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .conversion.common import ConversionError
+from .conversion.common import ConversionError, read_weight_index
 
 REMOTE_CODE_FILES = ("configuration_yuan_m32.py", "modeling_yuan_m32.py")
 
@@ -121,9 +121,7 @@ def check_hub_folder(folder: str | os.PathLike) -> list[str]:
         raise ConversionError(f"{folder} holds no .safetensors weights")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        for name in set(json.loads(index.read_text())["weight_map"].values()):
-            if not (folder / name).is_file():
-                raise ConversionError(f"{index.name} names {name}, which is missing from {folder}")
+        read_weight_index(index)
     missing_code = [f for f in REMOTE_CODE_FILES if not (folder / f).is_file()]
     auto_map = config.get("auto_map", {})
     if missing_code or "AutoModelForCausalLM" not in auto_map:

@@ -180,6 +180,18 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def read_weight_index(index_file: Path) -> dict[str, str]:
+    """A ``*.index.json``'s weight map (key -> file), after checking that every file it names exists."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ConversionError(f"{index_file} is not a valid index (no weight_map): {err}") from err
+    for name in set(weight_map.values()):
+        if not (index_file.parent / name).is_file():
+            raise ConversionError(f"{index_file.name} names {name}, which is missing from {index_file.parent}")
+    return weight_map
+
+
 def check_all_used(source_keys: Iterable[str], used: set[str], *, where: str) -> None:
     """Raise if a source tensor was neither converted nor dropped on purpose."""
     unused = sorted(set(source_keys) - used)

@@ -29,6 +29,7 @@ from .common import (
     KeyTable,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    read_weight_index,
     tensor_digest,
 )
 
@@ -250,16 +251,9 @@ class IEITCheckpoint:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index_file = self.path / index_name
             if index_file.is_file():
-                try:
-                    weight_map = json.loads(index_file.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
-                    raise ConversionError(f"{index_file} is not a valid index (no weight_map): {err}") from err
                 files: dict[str, list[str]] = {}
-                for key, name in weight_map.items():
+                for key, name in read_weight_index(index_file).items():
                     files.setdefault(name, []).append(key)
-                for name in files:
-                    if not (self.path / name).is_file():
-                        raise ConversionError(f"{index_file.name} names {name}, which is missing from {self.path}")
                 return files
         for single in ("model.safetensors", "pytorch_model.bin"):
             if (self.path / single).is_file():
@@ -375,7 +369,6 @@ def iter_native_tensors(
     checkpoint: IEITCheckpoint, builder: NativeStateBuilder, *, progress: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream native tensors from an IEIT checkpoint, one source file in memory at a time."""
-    seen: set[str] = set()
     # pre-flight on the index alone: unknown keys fail before any tensor is read
     for keys in checkpoint.files.values():
         for key in keys or ():
@@ -387,7 +380,6 @@ def iter_native_tensors(
             absent = sorted(set(listed) - set(tensors))[:5]
             raise ConversionError(f"{name} lacks keys its index promises: {absent}")
         for key, tensor in tensors.items():
-            seen.add(key)
             yield from builder.add(key, tensor)
         del tensors
     builder.finish()
@@ -493,10 +485,9 @@ def write_native_folder(
     writer.finish()
     if writer.dtypes:
         config.dtype = max(writer.dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
-    config.save_pretrained(tmp)
-    with torch.device("meta"):
+    with torch.device("meta"):  # copies the modeling files and adds the model class to config.auto_map
         custom_object_save(YuanM32ForCausalLM(config), tmp, config=config)
-    config.save_pretrained(tmp)  # again: custom_object_save added the model classes to auto_map
+    config.save_pretrained(tmp)  # also copies the configuration file and adds AutoConfig to auto_map
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
     if provenance is not None:
         (tmp / "conversion.json").write_text(json.dumps(dict(provenance), indent=2, default=str) + "\n")
