@@ -9,8 +9,6 @@ convolutions over time whose output feeds Q and K (V comes from the unfiltered i
 the router is an *attention router*: an E x E attention over the expert axis, in fp32.
 """
 
-from __future__ import annotations
-
 import json
 import os
 from collections.abc import Callable
@@ -33,6 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_yuan_m32 import YuanM32Config
+from .transformers_compat import CACHE_FIELD, cache_kwargs, check_cache, check_kwargs, resolve_cache
 
 logger = logging.get_logger(__name__)
 
@@ -160,17 +159,17 @@ class YuanM32LocalizedFiltering(nn.Module):
         hidden_states: torch.Tensor,
         has_prev: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         # hidden_states: [b, s, H]; has_prev: [b, s] bool; padding_mask: [b, s] (1 = real token) or None
         seq_len = hidden_states.shape[1]
         if padding_mask is not None:
             hidden_states = hidden_states * padding_mask[..., None].to(hidden_states.dtype)
-        has_prev_state = past_key_values is not None and past_key_values.has_previous_state(self.layer_idx)
+        has_prev_state = cache is not None and cache.has_previous_state(self.layer_idx)
         window = hidden_states
-        if past_key_values is not None:
+        if cache is not None:
             # the cache stores LF inputs channels-first: [b, H, time]; it returns the state followed by the new steps
-            window = past_key_values.update_conv_state(
+            window = cache.update_conv_state(
                 hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=LF_CONV_STATE
             ).transpose(1, 2)
         # exactly two steps of left context (zeros when there is no state): [b, s + 2, H]
@@ -249,22 +248,22 @@ class YuanM32Attention(nn.Module):
         attention_mask: torch.Tensor | None,
         lf_has_prev: torch.Tensor,
         lf_padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, kv, s, d]
-        filtered = self.lf_gate(hidden_states, lf_has_prev, lf_padding_mask, past_key_values)
+        filtered = self.lf_gate(hidden_states, lf_has_prev, lf_padding_mask, cache)
         query_states = self.q_proj(filtered).view(hidden_shape).transpose(1, 2)  # [b, heads, s, d]
         key_states = self.k_proj(filtered).view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_partial_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -408,7 +407,7 @@ class YuanM32DecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         lf_has_prev: torch.Tensor,
         lf_padding_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
@@ -418,7 +417,7 @@ class YuanM32DecoderLayer(GradientCheckpointingLayer):
             attention_mask=attention_mask,
             lf_has_prev=lf_has_prev,
             lf_padding_mask=lf_padding_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -433,7 +432,7 @@ class YuanM32PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["YuanM32DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     # the router runs in fp32 (as IEIT trained it), also under bf16; the non-strict list is what quantizers
     # read to leave modules unquantized, and it matches module names, hence the three Linears by name
     _keep_in_fp32_modules_strict = ["mlp.gate"]
@@ -485,6 +484,23 @@ class YuanM32PreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
 
 
+def check_input_shapes(
+    attention_mask: torch.Tensor | dict | None, position_ids: torch.Tensor, batch_size: int, seq_len: int
+) -> None:
+    """Shape checks on the host (no device sync) so a wrong mask or positions fail here, by name, not deep inside."""
+    if position_ids.ndim != 2 or position_ids.shape[0] not in (1, batch_size) or position_ids.shape[1] != seq_len:
+        raise ValueError(
+            f"position_ids must have shape [{batch_size} or 1, {seq_len}] (batch, new tokens), got "
+            f"{list(position_ids.shape)}"
+        )
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
+            raise ValueError(
+                f"attention_mask must have shape [{batch_size}, past + {seq_len}] (1 = real token, 0 = padding; it "
+                f"covers the cached tokens too), got {list(attention_mask.shape)}"
+            )
+
+
 class YuanM32Model(YuanM32PreTrainedModel):
     def __init__(self, config: YuanM32Config):
         super().__init__(config)
@@ -506,28 +522,35 @@ class YuanM32Model(YuanM32PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
+        r"""cache: the decode state (K/V and the LF-gate conv state per layer); `past_key_values` is the same
+        argument under its name before transformers 5.24. The returned output carries it under the installed
+        release's name (`outputs.cache`, or `outputs.past_key_values`, which 5.24+ keep as an alias)."""
+        cache = resolve_cache(cache, past_key_values)
+        check_kwargs(kwargs, type(self).__name__ + ".forward")
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError(
-                "past_key_values must be a transformers Cache (e.g. DynamicCache(config=model.config)); legacy "
-                f"tuples are not supported, got {type(past_key_values).__name__}"
-            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        fresh_cache = use_cache and past_key_values is None
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            raise ValueError("The input is empty (sequence length 0): pass at least one token")
+        if cache is not None:
+            check_cache(cache, self.config, batch_size)
+        fresh_cache = use_cache and cache is None
         if fresh_cache:
-            past_key_values = DynamicCache(config=self.config)
-        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = DynamicCache(config=self.config)
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-        self._warn_if_beyond_trained_length(past_seen_tokens + inputs_embeds.shape[1])
+        check_input_shapes(attention_mask, position_ids, batch_size, seq_len)
+        self._warn_if_beyond_trained_length(past_seen_tokens + seq_len)
 
         if isinstance(attention_mask, dict):  # prepared by generate (static cache): one mask per kind of layer
             causal_mask = attention_mask["full_attention"]
@@ -537,15 +560,15 @@ class YuanM32Model(YuanM32PreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
+                "position_ids": position_ids,
                 # a cache we just created is empty: masks are the same without it, and packed sequences
                 # (position_ids restarting, no attention mask) are only detected without a cache
-                "past_key_values": None if fresh_cache else past_key_values,
-                "position_ids": position_ids,
+                **cache_kwargs(None if fresh_cache else cache),
             }
             causal_mask = create_causal_mask(**mask_kwargs)
             lf_padding_mask = create_recurrent_attention_mask(**mask_kwargs)
         # a token has an LF predecessor unless it starts a sequence (prompt, packed document, after padding)
-        lf_has_prev = (position_ids != 0).expand(inputs_embeds.shape[0], -1)
+        lf_has_prev = (position_ids != 0).expand(batch_size, -1)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -556,12 +579,12 @@ class YuanM32Model(YuanM32PreTrainedModel):
                 attention_mask=causal_mask,
                 lf_has_prev=lf_has_prev,
                 lf_padding_mask=lf_padding_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 position_ids=position_ids,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwargs(cache))
 
     def _warn_if_beyond_trained_length(self, length: int) -> None:
         """One warning when a sequence passes max_position_embeddings (host-side lengths only: no device sync).
@@ -635,12 +658,14 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         r"""Causal LM forward. `labels` ([b, s], -100 = ignored) are shifted inside, as in every transformers LM.
@@ -650,7 +675,8 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         positions. Set `config.loss_chunk_size = 0` for the standard path (full logits returned with the loss).
 
         With `output_router_logits` (or `config.output_router_logits`) the load-balancing aux loss is
-        returned and, when `router_aux_loss_coef > 0`, added to the loss.
+        returned and, when `router_aux_loss_coef > 0`, added to the loss. `cache` / `past_key_values`: see
+        `YuanM32Model.forward`.
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -659,20 +685,25 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+            if targets is not None and tuple(targets.shape) != tuple(hidden_states.shape[:2]):
+                raise ValueError(
+                    f"{name} must have the shape of input_ids {list(hidden_states.shape[:2])}, got {list(targets.shape)}"
+                )
         chunk = self.config.loss_chunk_size
         logits = loss = None
         if labels is not None and chunk:
             # memory-lean path: no [b*s, V] fp32 logits; `logits` is returned only for positions asked for
             loss = chunked_causal_lm_loss(
                 hidden_states, labels, self.lm_head, chunk_size=chunk,
-                num_items_in_batch=kwargs.get("num_items_in_batch"), shift_labels=kwargs.get("shift_labels"),
+                num_items_in_batch=kwargs.get("num_items_in_batch"), shift_labels=shift_labels,
             )  # fmt: skip
             if logits_to_keep:
                 slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -681,7 +712,7 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
             slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, slice_indices, :].contiguous())  # strided slices hit slow CPU kernels
             if labels is not None:
-                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+                loss = self.loss_function(logits, labels, self.vocab_size, shift_labels=shift_labels, **kwargs)
 
         aux_loss = None
         if output_router_logits:
@@ -696,10 +727,10 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            **cache_kwargs(getattr(outputs, CACHE_FIELD)),
         )
 
 
