@@ -281,6 +281,7 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.compat
 def test_qlora_quantizes_the_experts_and_keeps_router_and_lf_gate(tiny_checkpoint):
     full = YuanM32ForCausalLM.from_pretrained(tiny_checkpoint)
     model = load_for_qlora(tiny_checkpoint, bits=4)
@@ -306,6 +307,7 @@ def test_qlora_quantizes_the_experts_and_keeps_router_and_lf_gate(tiny_checkpoin
     assert all(not p.requires_grad for p in model.parameters())  # prepare_model_for_kbit_training froze the base
 
 
+@pytest.mark.compat
 def test_qlora_8bit_loads_and_backpropagates(tiny_checkpoint):
     model = load_for_qlora(tiny_checkpoint, bits=8)
     assert count_quantized_linears(model)["quantized"] == 56
@@ -318,6 +320,7 @@ def test_qlora_8bit_loads_and_backpropagates(tiny_checkpoint):
     assert len(grads) == 56 and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.compat
 def test_qlora_training_lowers_the_loss_and_the_adapter_reloads(tmp_path, tiny_checkpoint):
     tokenizer = toy_tokenizer()
     dataset, collator = toy_data(tokenizer), SFTDataCollator.from_tokenizer(tokenizer)

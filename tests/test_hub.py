@@ -44,6 +44,7 @@ def logits_without_package(folder: Path, ids: torch.Tensor, tmp_path: Path) -> t
     return torch.load(tmp_path / "out.pt")
 
 
+@pytest.mark.compat
 def test_saved_folder_loads_with_and_without_the_package(tmp_path):
     torch.manual_seed(0)
     model = YuanM32ForCausalLM(tiny_config()).eval()

@@ -17,6 +17,8 @@ from yuan_hf.conversion.ieit_hf import convert_ieit_hf
 
 from conftest import fixtures_dir
 
+pytestmark = pytest.mark.compat  # on every supported transformers release (scripts/test.sh)
+
 VARIANTS = {"as_released": True, "fp32_rope": False}  # variant -> rope_in_bfloat16
 ATOL = 1e-3
 

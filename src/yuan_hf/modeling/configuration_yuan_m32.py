@@ -3,8 +3,6 @@
 Self-contained: imports only transformers (this file ships to the Hub as remote code).
 """
 
-from __future__ import annotations
-
 from transformers import PretrainedConfig
 
 ROUTER_TYPES = ("attention", "linear")
