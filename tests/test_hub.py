@@ -80,8 +80,8 @@ class StandInHubApi:
     def create_repo(self, **kwargs):
         self.calls.append(("create_repo", kwargs))
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
+    def create_commit(self, **kwargs):
+        self.calls.append(("create_commit", kwargs))
         return type("CommitInfo", (), {"commit_url": f"https://hf.co/{kwargs['repo_id']}/commit/abc"})()
 
 
@@ -92,11 +92,13 @@ def test_push_plan(tmp_path):
     api = StandInHubApi()
     url = push_to_hub(folder, "someone/yuan-tiny", private=True, license="apache-2.0", api=api)
     assert url.endswith("/commit/abc")
-    (name1, create), (name2, upload) = api.calls
-    assert (name1, name2) == ("create_repo", "upload_folder")
+    (name1, create), (name2, commit) = api.calls
+    assert (name1, name2) == ("create_repo", "create_commit")
     assert create == {"repo_id": "someone/yuan-tiny", "repo_type": "model", "private": True, "exist_ok": True}
-    assert upload["folder_path"] == str(folder) and upload["repo_id"] == "someone/yuan-tiny"
-    assert (folder / "README.md").is_file() and "someone/yuan-tiny" in (folder / "README.md").read_text()
+    assert commit["repo_id"] == "someone/yuan-tiny" and commit["repo_type"] == "model"
+    card = next(op.path_or_fileobj for op in commit["operations"] if op.path_in_repo == "README.md")
+    assert b"someone/yuan-tiny" in card and b"license: apache-2.0" in card
+    assert not (folder / "README.md").exists()  # the card is sent from memory; the folder is not modified
 
 
 def test_push_refuses_incomplete_folders(tmp_path, capsys):
