@@ -109,14 +109,15 @@ class TiledRandomState(Mapping):
 
 
 def build_args(*, layers: int, tp: int, pp: int, **overrides: int) -> argparse.Namespace:
-    from yuan_hf.conversion.megatron import megatron_args_for
+    from yuan_hf.conversion.writers import megatron_args_for
 
     return megatron_args_for(RELEASED | overrides | {"num_hidden_layers": layers}, tp=tp, pp=pp)
 
 
 def write_synthetic(dst: str, args: argparse.Namespace, tp: int, pp: int) -> int:
     """Write the checkpoint; returns its size in bytes."""
-    from yuan_hf.conversion.megatron import ieit_key_shapes, write_megatron_checkpoint
+    from yuan_hf.conversion.megatron import ieit_key_shapes
+    from yuan_hf.conversion.writers import write_megatron_checkpoint
 
     write_megatron_checkpoint(TiledRandomState(ieit_key_shapes(args)), dst, args=args, tp=tp, pp=pp)
     return sum(p.stat().st_size for p in Path(dst).rglob("*.pt"))

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from yuan_hf import YuanM32Config, YuanM32ForCausalLM
 from yuan_hf.cli import main as cli
 from yuan_hf.conversion.common import ConversionError
-from yuan_hf.conversion.ieit_hf import IEIT_KEYS, NativeStateBuilder, convert_ieit_hf, native_config_from_ieit
+from yuan_hf.conversion.ieit_hf import convert_ieit_hf, native_config_from_ieit
+from yuan_hf.conversion.native.builder import IEIT_KEYS, NativeStateBuilder
 
 from conftest import fixtures_dir
 
@@ -63,7 +64,7 @@ def test_fused_qk_split_recovers_per_head_q_and_k():
     k = torch.randn(heads, d, H)
     fused = torch.stack([q, k], 1).reshape(2 * heads * d, H)  # Megatron's [q_0; k_0; q_1; k_1; ...]
     first, second = fused.chunk(2)  # what IEIT calls q_proj / k_proj
-    from yuan_hf.conversion.ieit_hf import split_fused_qk
+    from yuan_hf.conversion.native.builder import split_fused_qk
 
     got_q, got_k = split_fused_qk(first, second, num_heads=heads)
     assert torch.equal(got_q, q.reshape(-1, H)) and torch.equal(got_k, k.reshape(-1, H))
@@ -230,8 +231,8 @@ def test_key_table_rejects_unknown_keys():
 def test_tokenizer_goes_into_the_output_folder(tmp_path):
     from transformers import AutoTokenizer
 
-    from yuan_hf.conversion.tokenizer import build_demo_tokenizer
-    from yuan_hf.demo import make_ieit_checkpoint
+    from yuan_hf.conversion.writers.tokenizer import build_demo_tokenizer
+    from yuan_hf.conversion.writers import make_ieit_checkpoint
 
     src = make_ieit_checkpoint(tmp_path / "ieit")
     tok_dir = build_demo_tokenizer(tmp_path / "tok")

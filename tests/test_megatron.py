@@ -28,10 +28,9 @@ from yuan_hf.conversion.megatron import (
     ieit_key_shapes,
     iter_ieit_stages,
     load_megatron_file,
-    megatron_args_for,
     native_config_from_args,
-    write_megatron_checkpoint,
 )
+from yuan_hf.conversion.writers import megatron_args_for, write_megatron_checkpoint
 
 from conftest import fixtures_dir
 

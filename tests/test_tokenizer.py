@@ -21,10 +21,10 @@ from yuan_hf.conversion.tokenizer import (
     EOD_TOKEN,
     YUAN_CHAT_TEMPLATE,
     YUAN_EXTRA_TOKENS,
-    build_demo_tokenizer,
     convert_tokenizer,
-    read_sentencepiece_model,
 )
+from yuan_hf.conversion.sentencepiece_model import read_sentencepiece_model
+from yuan_hf.conversion.writers.tokenizer import build_demo_tokenizer
 
 
 from conftest import fixtures_dir

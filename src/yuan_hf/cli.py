@@ -151,7 +151,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if args.kind in ("ieit-hf", "megatron"):
         if args.verify:
-            from .conversion.ieit_hf import verify_folder
+            from .conversion.native import verify_folder
 
             summary.notes.append(verify_folder(args.dst))
         print(summary)

@@ -12,25 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 
-from .conversion.ieit_hf import convert_ieit_hf, ieit_config_from_native, ieit_state_dict_from_native
-from .modeling import YuanM32Config, YuanM32ForCausalLM
-from .testing import tiny_config
-
-
-def make_ieit_checkpoint(dst: str | Path, *, config: YuanM32Config | None = None, seed: int = 0) -> Path:
-    """Write a randomly initialised model in IEIT's HF layout (config ``model_type="yuan"``, bf16 safetensors)."""
-    config = config or tiny_config()
-    torch.manual_seed(seed)
-    model = YuanM32ForCausalLM(config)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    tensors = ieit_state_dict_from_native(model.state_dict(), config)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
-    (dst / "config.json").write_text(json.dumps(ieit_config_from_native(config), indent=2) + "\n")
-    return dst
+from .conversion.writers import make_megatron_checkpoint
 
 
 @contextmanager
@@ -40,19 +23,6 @@ def _step(name: str, timings: list[tuple[str, float]]) -> Iterator[None]:
     yield
     timings.append((name, time.perf_counter() - start))
     print(f"    done in {timings[-1][1]:.2f} s", flush=True)
-
-
-def make_megatron_checkpoint(dst: str | Path, *, config: YuanM32Config | None = None, tp: int = 1, pp: int = 2,
-                             seed: int = 0) -> Path:
-    """Write a randomly initialised model as an IEIT Megatron-LM checkpoint (TP x PP shards, bf16)."""
-    from .conversion.megatron import megatron_args_for, write_megatron_checkpoint
-
-    config = config or tiny_config()
-    torch.manual_seed(seed)
-    model = YuanM32ForCausalLM(config)
-    tensors = {k: v.to(torch.bfloat16) for k, v in ieit_state_dict_from_native(model.state_dict(), config).items()}
-    args = megatron_args_for(config, tp=tp, pp=pp)
-    return write_megatron_checkpoint(tensors, dst, args=args, tp=tp, pp=pp, iteration=1000, overwrite=True)
 
 
 REMOTE_CHECK = """
@@ -82,7 +52,7 @@ def run_demo(workdir: str | Path | None = None, *, log: Callable[[str], None] = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .conversion.megatron import convert_megatron
-    from .conversion.tokenizer import build_demo_tokenizer
+    from .conversion.writers.tokenizer import build_demo_tokenizer
     from .hub import check_hub_folder, write_model_card
 
     timings: list[tuple[str, float]] = []

@@ -14,7 +14,7 @@ def register() -> None:
     Safe to call more than once, and when transformers already knows ``yuan_m32`` (a future native
     integration, or another copy of these classes): then the existing registration is kept.
     """
-    from .conversion.ieit_hf import convert_on_the_fly
+    from .conversion.cache import convert_on_the_fly
     from .modeling import YuanM32PreTrainedModel
 
     if convert_on_the_fly not in YuanM32PreTrainedModel._source_adapters:

@@ -81,31 +81,25 @@ Decoding: fast vs IEIT's slow legacy tokenizer (pinned by ``tests/test_tokenizer
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import struct
-import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .common import ConversionError, atomic_output_dir
+from .common import ConversionError
+from .native.output import atomic_output_dir
+from .sentencepiece_model import _MODEL_TYPES, _PIECE_CONTROL, _PIECE_USER_DEFINED, SentencePieceModel, read_sentencepiece_model
 
 __all__ = [
-    "DEMO_TEXT",
     "EOD_TOKEN",
     "PAD_TOKEN",
     "SEP_TOKEN",
     "YUAN_CHAT_TEMPLATE",
     "YUAN_EXTRA_TOKENS",
-    "SentencePieceModel",
-    "build_demo_tokenizer",
     "convert_tokenizer",
-    "read_sentencepiece_model",
 ]
 
 EOD_TOKEN = "<eod>"
@@ -172,214 +166,6 @@ YUAN_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt and loop_messages[-1]['role'] == 'user' -%}{{- '<sep>' -}}{%- endif -%}"
 )
-
-# SentencePiece ModelProto field numbers (sentencepiece_model.proto, proto2; absent = default).
-_PIECE_NORMAL, _PIECE_UNKNOWN, _PIECE_CONTROL, _PIECE_USER_DEFINED, _PIECE_UNUSED, _PIECE_BYTE = 1, 2, 3, 4, 5, 6
-_MODEL_TYPES = {1: "UNIGRAM", 2: "BPE", 3: "WORD", 4: "CHAR"}
-
-
-@dataclass(frozen=True)
-class SentencePiecePiece:
-    piece: str
-    score: float = 0.0
-    type: int = _PIECE_NORMAL
-
-
-@dataclass(frozen=True)
-class SentencePieceTrainerSpec:
-    model_type: int = 1
-    byte_fallback: bool = False
-    treat_whitespace_as_suffix: bool = False
-    unk_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    pad_id: int = -1
-    unk_piece: str = "<unk>"
-
-
-@dataclass(frozen=True)
-class SentencePieceNormalizerSpec:
-    name: str = ""
-    precompiled_charsmap: bytes = b""
-    add_dummy_prefix: bool = True
-    remove_extra_whitespaces: bool = True
-    escape_whitespaces: bool = True
-
-
-@dataclass(frozen=True)
-class SentencePieceModel:
-    """The parts of a SentencePiece ``ModelProto`` the conversion uses (duck-types the protobuf object)."""
-
-    pieces: tuple[SentencePiecePiece, ...]
-    trainer_spec: SentencePieceTrainerSpec = field(default_factory=SentencePieceTrainerSpec)
-    normalizer_spec: SentencePieceNormalizerSpec = field(default_factory=SentencePieceNormalizerSpec)
-
-    def piece_to_id(self) -> dict[str, int]:
-        return {p.piece: i for i, p in enumerate(self.pieces)}
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
-
-
-def _read_field(buf: bytes, pos: int, end: int) -> tuple[int, int | bytes, int]:
-    """Read one protobuf field at ``pos``: ``(number, value, next_pos)``; varints as int, the rest as bytes."""
-    key, pos = _varint(buf, pos)
-    number, wire_type = key >> 3, key & 7
-    if number == 0:
-        raise ValueError("field number 0")
-    if wire_type == 0:
-        value, pos = _varint(buf, pos)
-        return number, value, pos
-    if wire_type == 2:
-        size, pos = _varint(buf, pos)
-    elif wire_type in (1, 5):
-        size = 8 if wire_type == 1 else 4
-    else:
-        raise ValueError(f"unsupported wire type {wire_type}")
-    if pos + size > end:
-        raise ValueError("truncated field")
-    return number, buf[pos : pos + size], pos + size
-
-
-def _proto_fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int | bytes]]:
-    """Yield ``(field_number, value)`` for the message stored in ``buf[start:end]``."""
-    pos = start
-    while pos < end:
-        number, value, pos = _read_field(buf, pos, end)
-        yield number, value
-
-
-def _parse_piece(buf: bytes, pos: int, end: int) -> SentencePiecePiece:
-    """One ``SentencePiece`` message (piece=1 string, score=2 float, type=3 enum); fast path, ~135k calls."""
-    text: str | None = None
-    score, kind = 0.0, _PIECE_NORMAL
-    while pos < end:
-        key = buf[pos]
-        if key == 0x0A:  # field 1, length-delimited
-            size = buf[pos + 1] if pos + 1 < end else 0x80
-            if size < 0x80:  # one-byte length: nearly every piece
-                pos += 2
-            else:
-                size, pos = _varint(buf, pos + 1)
-            if pos + size > end:
-                raise ValueError("truncated piece")
-            text = buf[pos : pos + size].decode("utf-8")
-            pos += size
-        elif key == 0x15:  # field 2, fixed32
-            if pos + 5 > end:
-                raise ValueError("truncated score")
-            score = struct.unpack_from("<f", buf, pos + 1)[0]
-            pos += 5
-        elif key == 0x18:  # field 3, varint
-            kind, pos = _varint(buf, pos + 1)
-        else:  # a field this reader does not use
-            _, _, pos = _read_field(buf, pos, end)
-    if text is None:
-        raise ValueError("a piece has no text")
-    return SentencePiecePiece(text, score, kind)
-
-
-def _int32(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def read_sentencepiece_model(path: str | os.PathLike) -> SentencePieceModel:
-    """Parse the fields of a SentencePiece ``.model`` file that the conversion needs (no protobuf needed).
-
-    Raises :class:`ConversionError` if the file cannot be read as a SentencePiece model.
-    """
-    path = Path(path)
-    data = _read_bytes(path)
-    pieces: list[SentencePiecePiece] = []
-    trainer: dict[str, Any] = {}
-    normalizer: dict[str, Any] = {}
-    seen: set[int] = set()
-    trainer_fields = {
-        3: "model_type",
-        24: "treat_whitespace_as_suffix",
-        35: "byte_fallback",
-        40: "unk_id",
-        41: "bos_id",
-        42: "eos_id",
-        43: "pad_id",
-        45: "unk_piece",
-    }
-    normalizer_fields = {
-        1: "name",
-        2: "precompiled_charsmap",
-        3: "add_dummy_prefix",
-        4: "remove_extra_whitespaces",
-        5: "escape_whitespaces",
-    }
-    try:
-        pos, end = 0, len(data)
-        while pos < end:
-            key, pos = _varint(data, pos)
-            number, wire_type = key >> 3, key & 7
-            if wire_type != 2:  # every ModelProto field is a message
-                raise ValueError(f"field {number} has wire type {wire_type}, not a message")
-            size, pos = _varint(data, pos)
-            if pos + size > end:
-                raise ValueError("truncated message")
-            seen.add(number)
-            if number == 1:
-                pieces.append(_parse_piece(data, pos, pos + size))
-            elif number in (2, 3):
-                names, target = (trainer_fields, trainer) if number == 2 else (normalizer_fields, normalizer)
-                for n, value in _proto_fields(data, pos, pos + size):
-                    if n in names:
-                        target[names[n]] = value
-            pos += size
-        for key in ("unk_id", "bos_id", "eos_id", "pad_id"):
-            if key in trainer:
-                trainer[key] = _int32(trainer[key])
-        for flag in ("byte_fallback", "treat_whitespace_as_suffix"):
-            if flag in trainer:
-                trainer[flag] = bool(trainer[flag])
-        for flag in ("add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"):
-            if flag in normalizer:
-                normalizer[flag] = bool(normalizer[flag])
-        for spec, key in ((trainer, "unk_piece"), (normalizer, "name")):
-            if key in spec:
-                spec[key] = bytes(spec[key]).decode("utf-8")
-        if "precompiled_charsmap" in normalizer:
-            normalizer["precompiled_charsmap"] = bytes(normalizer["precompiled_charsmap"])
-        missing = [
-            name
-            for number, name in ((1, "vocabulary"), (2, "trainer_spec"), (3, "normalizer_spec"))
-            if number not in seen
-        ]
-        if missing:  # the specs are stored after the vocabulary: a truncated file lacks them
-            raise ValueError(f"{' and '.join(missing)} missing")
-        model = SentencePieceModel(
-            tuple(pieces), SentencePieceTrainerSpec(**trainer), SentencePieceNormalizerSpec(**normalizer)
-        )
-    except (ValueError, TypeError, UnicodeDecodeError, struct.error) as err:
-        raise ConversionError(
-            f"{path} is not a readable SentencePiece model ({err}); expected IEIT's tokenizer.model "
-            "(a truncated download or a Git LFS pointer file fails this way: re-download it)"
-        ) from None
-    return model
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise ConversionError(f"cannot read {path}: {err.strerror or err}") from None
-
 
 def _resolve_source(src: str | os.PathLike) -> Path:
     src = Path(src)
@@ -573,103 +359,3 @@ def _finish_folder(folder: Path) -> None:
     config_file.write_text(
         json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Demo tokenizer: the real vocabulary cannot be shipped, so tests and examples train a tiny one.
-# ----------------------------------------------------------------------------------------------------
-
-#: Training text for :func:`build_demo_tokenizer` (written for this project; English, Chinese, code).
-DEMO_TEXT = """\
-Yuan is a family of large language models. This demo tokenizer is tiny and only exists for tests.
-A mixture of experts routes every token to two of its experts, chosen by an attention router.
-The quick brown fox jumps over the lazy dog. How are you today? I am fine, thank you!
-Please write a short poem about the sea, the wind and the stars.
-The answer is 42. Numbers such as 3.14159, 2024 and 100000 are split into digits.
-Hello, world! Good morning. Good night. See you tomorrow.
-你好，世界！今天天气很好，我们一起去公园散步吧。
-请问目前最先进的机器学习算法有哪些？
-北京是中华人民共和国的首都，上海是一座国际化大都市。
-机器学习是人工智能的一个分支，深度学习是机器学习的一种方法。
-这个模型使用注意力路由器来选择专家，每个词元由两个专家处理。
-我们的目标是让大模型更加高效、更加开放、更加易用。
-春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。
-def fibonacci(n):
-    if n < 2:
-        return n
-    return fibonacci(n - 1) + fibonacci(n - 2)
-for i in range(10):
-    print(i, fibonacci(i))
-class Router(nn.Module):
-    def forward(self, hidden_states):
-        scores = self.query(hidden_states) @ self.key(hidden_states).T
-        return torch.softmax(scores, dim=-1)
-import torch
-x = torch.zeros(2, 3)
-if x.sum() == 0:
-    print("all zeros")
-{"role": "user", "content": "hello"}
-<html><body><p>Hello</p></body></html>
-SELECT name, count(*) FROM users WHERE age > 18 GROUP BY name;
-"""
-
-_DEMO_VOCAB_RANGE = (512, 1024)
-_DEMO_SPM_OPTIONS: dict[str, Any] = dict(
-    model_type="bpe",
-    byte_fallback=True,  # like Yuan: unknown characters become <0x..> byte pieces
-    split_digits=True,
-    allow_whitespace_only_pieces=True,
-    normalization_rule_name="identity",
-    add_dummy_prefix=True,
-    remove_extra_whitespaces=False,
-    character_coverage=1.0,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    pad_id=-1,
-    num_threads=1,  # with the fixed input order below this makes training deterministic
-    shuffle_input_sentence=False,
-    input_sentence_size=0,
-    max_sentence_length=4096,
-    hard_vocab_limit=True,
-    minloglevel=2,
-)
-
-
-def build_demo_tokenizer(dst: str | os.PathLike, *, vocab_size: int = 512, overwrite: bool = False) -> Path:
-    """Train a tiny Yuan-like SentencePiece BPE model on :data:`DEMO_TEXT` and convert it like the real one.
-
-    The model has Yuan's layout: ``<unk>``=0, ``<s>``=1, ``</s>``=2, then ``<eod>`` and the 15
-    :data:`YUAN_EXTRA_TOKENS` as user-defined pieces (``<eod>``=3, ``<sep>``=4, ``<pad>``=5, ...,
-    ``<empty_output>``=18), then 256 byte pieces and the learned pieces, so ``len(tokenizer) == vocab_size``.
-    Ids are deterministic; look them up with ``tokenizer.convert_tokens_to_ids`` or ``eos_token_id`` /
-    ``pad_token_id`` / ``sep_token_id``. Training takes well under a second on CPU.
-
-    Returns ``dst`` as an absolute path.
-    """
-    import sentencepiece as spm
-
-    if not _DEMO_VOCAB_RANGE[0] <= vocab_size <= _DEMO_VOCAB_RANGE[1]:
-        raise ConversionError(
-            f"vocab_size={vocab_size} is outside {_DEMO_VOCAB_RANGE[0]}..{_DEMO_VOCAB_RANGE[1]}: the demo vocabulary "
-            "holds 3 meta, 16 special and 256 byte pieces plus every character of DEMO_TEXT, and the few KB of "
-            "training text support about a thousand pieces"
-        )
-    lines = [line for line in DEMO_TEXT.splitlines() if line.strip()]
-    buffer = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_writer=buffer,
-            vocab_size=vocab_size,
-            user_defined_symbols=[EOD_TOKEN, *YUAN_EXTRA_TOKENS],
-            **_DEMO_SPM_OPTIONS,
-        )
-    except RuntimeError as err:
-        raise ConversionError(
-            f"training the demo SentencePiece model (vocab_size={vocab_size}) failed: {err}"
-        ) from None
-    with tempfile.TemporaryDirectory(prefix="yuan-demo-spm-") as src:
-        model_file = Path(src) / "tokenizer.model"
-        model_file.write_bytes(buffer.getvalue())
-        return convert_tokenizer(model_file, dst, overwrite=overwrite)

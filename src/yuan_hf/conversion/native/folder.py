@@ -1,0 +1,160 @@
+"""The end of every conversion: the native folder (config, weights, modeling code, tokenizer), its summary, ``--verify``.
+
+:func:`write_converted` is the tail every converter calls with a stream of native tensors (from
+:class:`~.builder.NativeStateBuilder`); it writes through :func:`~.output.atomic_output_dir` and
+:class:`~.output.ShardedSafetensorsWriter` and returns a :class:`ConversionSummary`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...modeling import YuanM32Config, YuanM32ForCausalLM
+from ..common import ConversionError
+from .output import ShardedSafetensorsWriter, atomic_output_dir
+
+__all__ = ["ConversionSummary", "DTYPES", "add_tokenizer", "resolve_dtype", "verify_folder", "write_converted", "write_native_folder"]
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def add_tokenizer(folder: Path, source: str | os.PathLike, config: YuanM32Config, *, adopt_ids: bool = False) -> None:
+    """Convert IEIT's tokenizer into ``folder`` and align the config's special ids with it.
+
+    The padding id becomes the tokenizer's ``<pad>`` (IEIT pads with ``<eod>``, which breaks batched
+    generation); eos and sep must agree with the checkpoint's config, unless ``adopt_ids`` (Megatron
+    checkpoints record no token ids): then bos, eos and sep are taken from the tokenizer.
+    """
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ..tokenizer import convert_tokenizer
+
+    staging = folder / ".tokenizer"
+    convert_tokenizer(source, staging)
+    tok = AutoTokenizer.from_pretrained(staging)
+    if adopt_ids:
+        config.bos_token_id, config.eos_token_id, config.sep_token_id = tok.bos_token_id, tok.eos_token_id, tok.sep_token_id
+    for name, config_id, tok_id in (("eos", config.eos_token_id, tok.eos_token_id), ("sep", config.sep_token_id, tok.sep_token_id)):
+        if config_id is not None and tok_id is not None and config_id != tok_id:
+            raise ConversionError(
+                f"the tokenizer's {name} id ({tok_id}) differs from the checkpoint's ({config_id}); "
+                "is this the tokenizer of this model?"
+            )
+    if len(tok) > config.vocab_size:
+        raise ConversionError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary is {config.vocab_size}")
+    config.pad_token_id = tok.pad_token_id
+    for file in staging.iterdir():
+        shutil.move(str(file), folder / file.name)
+    staging.rmdir()
+
+
+def write_native_folder(
+    tmp: Path,
+    config: YuanM32Config,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    max_shard_size: str | int = "5GB",
+    provenance: Mapping[str, object] | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    adopt_token_ids: bool = False,
+) -> ShardedSafetensorsWriter:
+    """Write config, generation config, modeling code (for ``trust_remote_code``), the weights and,
+    if ``tokenizer`` names IEIT's ``tokenizer.model`` (or its folder), the converted tokenizer into ``tmp``."""
+    from transformers import GenerationConfig
+    from transformers.dynamic_module_utils import custom_object_save
+
+    if tokenizer is not None:  # first: a bad tokenizer fails before the long weight conversion
+        add_tokenizer(tmp, tokenizer, config, adopt_ids=adopt_token_ids)
+    writer = ShardedSafetensorsWriter(tmp, max_shard_size=max_shard_size)
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+    writer.finish()
+    if writer.dtypes:
+        config.dtype = max(writer.dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
+    with torch.device("meta"):  # copies the modeling files and adds the model class to config.auto_map
+        custom_object_save(YuanM32ForCausalLM(config), tmp, config=config)
+    config.save_pretrained(tmp)  # also copies the configuration file and adds AutoConfig to auto_map
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    if provenance is not None:
+        (tmp / "conversion.json").write_text(json.dumps(dict(provenance), indent=2, default=str) + "\n")
+    return writer
+
+
+
+def write_converted(
+    dst: str | os.PathLike,
+    config: YuanM32Config,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    overwrite: bool,
+    started: float,
+    notes: list[str],
+    **folder_options,
+) -> ConversionSummary:
+    """The tail every converter shares: write the native folder atomically and summarise it."""
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        writer = write_native_folder(tmp, config, tensors, **folder_options)
+    return ConversionSummary(
+        destination=Path(dst),
+        num_parameters=writer.num_parameters,
+        dtype=str(config.dtype).replace("torch.", ""),
+        shards=sorted(p.name for p in Path(dst).glob("*.safetensors")),
+        rope_theta=config.rope_parameters["rope_theta"],
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+
+
+
+@dataclass
+class ConversionSummary:
+    destination: Path
+    num_parameters: int
+    dtype: str
+    shards: list[str]
+    rope_theta: float
+    seconds: float
+    notes: list[str]
+
+    def __str__(self) -> str:
+        lines = [
+            f"wrote {self.destination}",
+            f"  parameters: {self.num_parameters:,} ({self.dtype}), {len(self.shards)} shard(s)",
+            f"  RoPE base: {self.rope_theta:g}",
+            f"  time: {self.seconds:.1f} s",
+        ]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def verify_folder(folder: str | os.PathLike, *, tokens: int = 8) -> str:
+    """Reload a converted folder with the Auto classes and run a short forward; return a one-line report."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.arange(tokens)[None] % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    if not torch.isfinite(logits).all():
+        raise ConversionError(f"verification failed: {folder} produced non-finite logits")
+    return f"verified: reloaded and ran a {tokens}-token forward (logits finite, std {logits.std():.3f})"
+
+
