@@ -15,7 +15,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,7 +162,9 @@ def _inside(folder: Path, name: str) -> Path:
     is refused, because push never uploads anything from outside the folder it was given.
     """
     path = folder / name
-    target = path.resolve()
+    target = _resolve(path)
+    if target is None:
+        raise HubError(f"{path} is a link that cannot be resolved (a loop?); replace it with the file it stands for")
     if not target.is_relative_to(folder):
         shown = os.readlink(path) if path.is_symlink() else target
         raise HubError(
@@ -170,6 +172,14 @@ def _inside(folder: Path, name: str) -> Path:
             "Replace the link with a copy of the file (e.g. `cp -rL` the folder) and retry"
         )
     return target
+
+
+def _resolve(path: Path) -> Path | None:
+    """``path.resolve()``, or ``None`` for a symlink loop (OSError from Python 3.13, RuntimeError before)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
 
 
 def _plain_name(name: object, *, where: Path) -> str:
@@ -195,6 +205,11 @@ class UploadFile:
     source: Path | None = None
     content: bytes | None = None
     note: str = ""
+
+    @property
+    def payload(self) -> bytes | str:
+        """What ``CommitOperationAdd`` sends: the in-memory bytes, or the resolved path inside the folder."""
+        return self.content if self.content is not None else str(self.source)
 
 
 @dataclass
@@ -224,11 +239,11 @@ class PushPlan:
 
 
 def _human(size: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
+    """Bytes as ``812 B`` / ``3.4 kB`` / ``80.1 GB`` (decimal units, as the Hub shows them)."""
+    if size < 1000:
+        return f"{size} B"
+    scaled, unit = next((size / 10**p, u) for p, u in ((9, "GB"), (6, "MB"), (3, "kB")) if size >= 10**p)
+    return f"{scaled:.1f} {unit}"
 
 
 def _file(folder: Path, name: str, note: str = "") -> UploadFile:
@@ -248,8 +263,9 @@ def _skipped(folder: Path, uploaded: set[str], weights_named: set[str]) -> list[
     for entry in sorted(folder.iterdir()):
         if entry.name in uploaded:
             continue
-        if entry.is_symlink() and not entry.resolve().is_relative_to(folder):
-            out.append(f"{entry.name} (link to {os.readlink(entry)}, outside the folder)")
+        target = _resolve(entry)
+        if target is None or (entry.is_symlink() and not target.is_relative_to(folder)):
+            out.append(f"{entry.name} (link to {os.readlink(entry)}, outside the folder or a loop)")
         elif entry.is_dir():
             out.append(f"{entry.name}/ (folder)")
         elif entry.suffix == ".safetensors" and weights_named:
@@ -274,12 +290,15 @@ def _weight_names(folder: Path) -> list[str]:
             "model into an empty folder) and retry"
         )
     if index.exists():
-        _inside(folder, WEIGHTS_INDEX)
+        weight_map = _read_json(_inside(folder, WEIGHTS_INDEX)).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HubError(f"{index} has no weight_map (tensor name -> shard file); re-save the model")
+        names = sorted({_plain_name(name, where=index) for name in weight_map.values()})  # before any file is opened
         try:
-            weight_map = read_weight_index(index)
+            read_weight_index(index)  # the converters' check: a weight_map whose files all exist
         except ConversionError as err:
             raise HubError(str(err)) from err
-        return sorted({_plain_name(name, where=index) for name in weight_map.values()})
+        return names
     if single.exists():
         return [SINGLE_WEIGHTS]
     pickled = [name for name in PICKLE_WEIGHTS if (folder / name).exists()]
@@ -345,7 +364,8 @@ def check_weights_match_config(config: Mapping, shapes: Mapping[str, tuple[int, 
     return ["quantized weights: tensor names checked, shapes not (they are packed)"] if quantized else []
 
 
-def _listed(what: str, keys: list[str], show) -> str:
+def _listed(what: str, keys: list[str], show: Callable[[str], str]) -> str:
+    """``"2 missing: a, b"`` (at most six shown), or ``""`` when there are none."""
     if not keys:
         return ""
     return f"{len(keys)} {what}: " + ", ".join(show(k) for k in keys[:6]) + (" ..." if len(keys) > 6 else "")
@@ -410,8 +430,9 @@ def _plan_adapter(folder: Path) -> tuple[list[UploadFile], list[str], set[str]]:
     if "peft_type" not in adapter_config:
         raise HubError(f"{folder / ADAPTER_CONFIG} has no peft_type; is it a PEFT adapter? re-save it with PEFT")
     if not (folder / ADAPTER_WEIGHTS).exists():
-        pickled = " (found adapter_model.bin, a pickle push does not upload)" if (folder / "adapter_model.bin").exists() else ""
-        raise HubError(f"{folder} has no {ADAPTER_WEIGHTS}{pickled}; save the adapter with safe_serialization=True")
+        pickled = (folder / "adapter_model.bin").exists()
+        found = " (found adapter_model.bin, a pickle push does not upload)" if pickled else ""
+        raise HubError(f"{folder} has no {ADAPTER_WEIGHTS}{found}; save the adapter with safe_serialization=True")
     if not read_safetensors_header(_inside(folder, ADAPTER_WEIGHTS)):
         raise HubError(f"{folder / ADAPTER_WEIGHTS} holds no tensors; the adapter was not saved")
     notes = []
@@ -507,7 +528,9 @@ def set_card_license(card: str, license: str) -> str:
         parsed = yaml.safe_load(new_body)
     except yaml.YAMLError as err:
         reason = " ".join(str(err).split())
-        raise HubError(f"README.md's YAML front matter does not parse ({reason}); fix it or push without --license") from err
+        raise HubError(
+            f"README.md's YAML front matter does not parse ({reason}); fix it or push without --license"
+        ) from err
     if not isinstance(parsed, dict) or parsed.get("license") != license:
         raise HubError(f"could not set license: {license} in README.md's front matter; edit it by hand")
     return card[: match.start(1)] + new_body + card[match.end(1) :]
@@ -538,7 +561,8 @@ def plan_push(folder: str | os.PathLike, *, repo_id: str | None = None, license:
     if not given.is_dir():
         raise HubError(f"{given} is not a directory")
     root = given.resolve()
-    has_model = (root / "config.json").exists() and ((root / SINGLE_WEIGHTS).exists() or (root / WEIGHTS_INDEX).exists())
+    has_weights = (root / SINGLE_WEIGHTS).exists() or (root / WEIGHTS_INDEX).exists()
+    has_model = (root / "config.json").exists() and has_weights
     if (root / ADAPTER_CONFIG).exists() and has_model:
         raise HubError(f"{given} holds both a full model and a PEFT adapter; push them from separate folders")
     if (root / ADAPTER_CONFIG).exists():
@@ -547,7 +571,8 @@ def plan_push(folder: str | os.PathLike, *, repo_id: str | None = None, license:
         kind, (files, notes, weights) = "model", _plan_model(root)
     else:
         raise HubError(
-            f"{given} has no config.json (model) or {ADAPTER_CONFIG} (adapter); save the model with save_pretrained first"
+            f"{given} has no config.json (model) or {ADAPTER_CONFIG} (adapter); save the model with save_pretrained "
+            "first"
         )
     files.append(_card(root, kind, license=license, repo_id=repo_id))
     skipped = _skipped(root, {f.path_in_repo for f in files}, weights)
@@ -571,7 +596,9 @@ def _hub_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
-def upload(plan: PushPlan, repo_id: str, *, private: bool = False, commit_message: str = DEFAULT_COMMIT_MESSAGE, api=None) -> str:
+def upload(
+    plan: PushPlan, repo_id: str, *, private: bool = False, commit_message: str = DEFAULT_COMMIT_MESSAGE, api=None
+) -> str:
     """Create ``repo_id`` if needed and commit exactly ``plan.files`` in one commit; returns the commit URL.
 
     ``api`` defaults to ``huggingface_hub.HfApi()``. Nothing is written to the folder, so a failed
@@ -585,11 +612,10 @@ def upload(plan: PushPlan, repo_id: str, *, private: bool = False, commit_messag
         api = HfApi()
     try:
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-        operations = [
-            CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=f.content if f.content is not None else str(f.source))
-            for f in plan.files
-        ]  # fmt: skip
-        info = api.create_commit(repo_id=repo_id, repo_type="model", operations=operations, commit_message=commit_message)
+        operations = [CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=f.payload) for f in plan.files]
+        info = api.create_commit(
+            repo_id=repo_id, repo_type="model", operations=operations, commit_message=commit_message
+        )
     except _hub_errors() as err:
         reason = (str(err).strip().splitlines() or [""])[0]
         raise HubError(
