@@ -1,23 +1,59 @@
 #!/usr/bin/env bash
-# Set up and run the tests on a fresh machine (CPU only; nothing is downloaded but Python packages).
-#   1. the core suite (model, parity with IEIT, converter) on the oldest supported transformers (5.17)
-#   2. the full suite on the newest transformers 5.x
-# CPU torch is installed first so that pip never pulls the multi-GB CUDA build.
+# Set up and run the tests on a fresh machine (CPU only; nothing is downloaded but Python packages), on the
+# transformers release train:
+#   1. the full suite on the floor (5.17.0),
+#   2. the compatibility subset (`-m compat`: IEIT parity incl. cached greedy, every generation path against
+#      uncached forwards for the package and the remote-code copy, remote-code load, QLoRA steps) on the newest
+#      patch of every minor release in between,
+#   3. the full suite on the newest 5.x release on PyPI (checked, not assumed).
+# One venv (.venv-test) is reused: transformers is swapped in place with pip, which also moves its pinned
+# dependencies (5.17 needs huggingface-hub < 2). CPU torch is installed first so pip never pulls a CUDA build.
+# Environment: PYTHON (default python3), TRANSFORMERS_MINORS="5.18 5.20" to restrict the middle of the train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+VENV=.venv-test
+FLOOR=5.17
+PIP=("$VENV/bin/pip" install -q --disable-pip-version-check)
 
-setup() {  # setup VENV [extra pip args...]
-  local venv=$1; shift
-  [[ -x $venv/bin/python ]] || "$PY" -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check torch==2.13.0
-  "$venv/bin/pip" install -q --disable-pip-version-check "$@"
+[[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[dev]"
+
+# newest patch of each 5.x minor from the floor up, from the package index
+releases=$("$VENV/bin/pip" index versions transformers --disable-pip-version-check 2>/dev/null |
+  sed -n 's/^Available versions: //p' | tr ',' '\n' | tr -d ' ' | "$VENV/bin/python" -c '
+import sys
+from packaging.version import Version
+floor = Version(sys.argv[1])
+newest = {}
+for line in sys.stdin:
+    v = Version(line.strip())
+    if v.major == floor.major and v >= floor and not v.is_prerelease:
+        key = (v.major, v.minor)
+        newest[key] = max(newest.get(key, v), v)
+print(" ".join(str(newest[k]) for k in sorted(newest)))
+' "$FLOOR")
+[[ -n $releases ]] || { echo "could not list transformers releases from the package index" >&2; exit 1; }
+read -r -a train <<<"$releases"
+floor=${train[0]} newest=${train[-1]} middle=("${train[@]:1:${#train[@]}-2}")
+if [[ -n ${TRANSFORMERS_MINORS:-} ]]; then
+  keep=()
+  for v in "${middle[@]}"; do [[ " $TRANSFORMERS_MINORS " == *" ${v%.*} "* ]] && keep+=("$v"); done
+  middle=("${keep[@]}")
+fi
+echo "== transformers release train: floor $floor, middle ${middle[*]:-none}, newest $newest"
+
+run() {  # run VERSION [pytest args...]
+  local version=$1; shift
+  "${PIP[@]}" "transformers==$version"
+  local installed
+  installed=$("$VENV/bin/python" -c "import transformers; print(transformers.__version__)")
+  [[ $installed == "$version" ]] || { echo "asked for transformers $version, got $installed" >&2; exit 1; }
+  echo "== transformers $installed: pytest $*"
+  "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 }
 
-echo "== transformers floor (5.17): core suite"
-setup .venv-floor -e . pytest "transformers==5.17.0"
-.venv-floor/bin/python -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_parity.py tests/test_convert_ieit.py
-
-echo "== newest transformers 5.x: full suite"
-setup .venv -e ".[dev]"
-.venv/bin/python -m pytest -q
+run "$floor"
+for v in "${middle[@]}"; do run "$v" -m compat; done
+run "$newest"

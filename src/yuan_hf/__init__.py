@@ -1,14 +1,17 @@
 """yuan-hf: IEIT's Yuan 2.0-M32 as a native Hugging Face transformers 5 model.
 
 Importing the package registers ``model_type="yuan_m32"`` with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM``.
+``AutoModelForCausalLM``. On a transformers release outside the tested range it logs one warning naming
+``yuan-hf doctor``.
 """
 
 from .modeling import YuanM32Config, YuanM32ForCausalLM, YuanM32Model, YuanM32PreTrainedModel
 from .registration import register
+from .support import warn_if_untested
 
 __version__ = "0.1.0"
 
 register()
+warn_if_untested()
 
 __all__ = ["YuanM32Config", "YuanM32ForCausalLM", "YuanM32Model", "YuanM32PreTrainedModel", "register"]
