@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("overrides", nargs="*", help="recipe values to override, e.g. data.train_file=my.jsonl")
     demo = sub.add_parser("demo", help="the main job on built-in tiny random weights (no downloads)")
     demo.add_argument("--workdir", default=None, help="keep the produced folders here (default: a temp dir)")
+    sub.add_parser(
+        "doctor",
+        help="print the installed versions and attention backends and run a few-second self-check on a tiny model; "
+        "exit 0 when everything works",
+    )
     return parser
 
 
@@ -192,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .finetune import finetune_main
 
             return finetune_main(args.recipe, args.overrides)
+        if args.command == "doctor":
+            from .doctor import doctor
+
+            return doctor()
         if args.command == "demo":
             from .demo import run_demo
 
