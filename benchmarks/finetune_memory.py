@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_utils import cpu_name, mem_available_gib, proc_status_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results_finetune.md"
 DEFAULT_LENGTHS = (2048, 4096, 8192, 16384)
@@ -46,16 +47,6 @@ def chunk_size(loss: str) -> int:
 def loss_label(loss: str) -> str:
     size = chunk_size(loss)
     return f"chunked, {size}-token chunks" if size else "standard (full logits)"
-
-
-def _status_mib(key: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) / 1024
-
-
-def _mem_available_gib() -> float:
-    text = Path("/proc/meminfo").read_text()
-    return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) / 2**20
 
 
 def run_one(seq_len: int, loss: str, vocab: int, cap_gib: float, threads: int) -> dict:
@@ -96,9 +87,9 @@ def run_one(seq_len: int, loss: str, vocab: int, cap_gib: float, threads: int) -
     step(256)  # warm-up: kernels, optimizer state
     gc.collect()
     # cap the address space: allocations beyond it fail (MemoryError / RuntimeError) instead of OOM-killing
-    limit = int(_status_mib("VmSize") * 2**20 + cap_gib * 2**30)
+    limit = int(proc_status_bytes("VmSize") + cap_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    rss_before = _status_mib("VmRSS")
+    rss_before = proc_status_bytes("VmRSS") / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
     start = time.perf_counter()
     result = {"seq_len": seq_len, "loss": loss, "vocab": vocab, "cap_gib": cap_gib, "threads": threads}
@@ -112,7 +103,7 @@ def run_one(seq_len: int, loss: str, vocab: int, cap_gib: float, threads: int) -
         result["error"] = str(error).splitlines()[0][:160]
     result["seconds"] = time.perf_counter() - start
     result["rss_before_gib"] = rss_before / 1024
-    result["step_peak_gib"] = (_status_mib("VmHWM") - rss_before) / 1024
+    result["step_peak_gib"] = (proc_status_bytes("VmHWM") / 2**20 - rss_before) / 1024
     result["logits_fp32_gib"] = seq_len * vocab * 4 / 2**30
     return result
 
@@ -145,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_one(int(seq), loss, int(vocab), args.cap_gib, args.threads)), flush=True)
         return 0
 
-    cap = args.cap_gib if args.cap_gib is not None else round(min(12.0, 0.8 * _mem_available_gib()), 1)
+    cap = args.cap_gib if args.cap_gib is not None else round(min(12.0, 0.8 * mem_available_gib()), 1)
     configs = [(seq, loss, args.vocab) for seq in args.lengths for loss in args.losses]
     for extra in args.extra:
         seq, loss, vocab = extra.split(":")
@@ -188,10 +179,7 @@ def _status_text(row: dict) -> str:
 def write_results(rows: list[dict], path: Path, *, cap: float, threads: int, total_s: float) -> None:
     import torch
 
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor()
-    )
+    cpu = cpu_name()
     plural = "s" if threads != 1 else ""
     lines = [
         "# Fine-tuning memory: one LoRA training step vs sequence length (CPU)",

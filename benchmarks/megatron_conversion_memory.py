@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
-import resource
 import shutil
 import sys
 import tempfile
-import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+
+from bench_utils import measure
 
 import torch
 
@@ -36,42 +33,6 @@ RELEASED = {
     "moe_intermediate_size": 8192, "num_experts": 32, "num_experts_per_tok": 2, "max_position_embeddings": 16384,
     "rope_parameters": {"rope_type": "default", "rope_theta": 40890.0, "partial_rotary_factor": 0.5},
 }  # fmt: skip
-
-
-@dataclass
-class Measurement:
-    result: Any
-    peak_rss_bytes: int
-    seconds: float
-
-
-def _run_child(fn: Callable, args: tuple, kwargs: dict, conn) -> None:
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    conn.send((result, peak, seconds))
-    conn.close()
-
-
-def measure(fn: Callable, *args: Any, **kwargs: Any) -> Measurement:
-    """Run ``fn(*args, **kwargs)`` in a fresh (spawned) process; its result, peak RSS and wall time.
-
-    ``fn`` must be importable (a module-level function) and return something picklable. The peak includes the
-    interpreter and imports: compare with ``measure(baseline)``.
-    """
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_run_child, args=(fn, args, kwargs, sender))
-    process.start()
-    sender.close()
-    try:
-        result, peak, seconds = receiver.recv()
-    except EOFError:
-        process.join()
-        raise RuntimeError(f"{fn.__name__} died in its process (exit code {process.exitcode}); out of memory?") from None
-    process.join()
-    return Measurement(result, peak, seconds)
 
 
 def baseline() -> None:
