@@ -19,6 +19,7 @@ across a sample boundary: a packed row's loss is the token-weighted mean of its 
 from __future__ import annotations
 
 import bisect
+import codecs
 import json
 import os
 import re
@@ -63,13 +64,15 @@ class SFTDataStats:
     tokens: int = 0  # tokens in all rows
     target_tokens: int = 0  # tokens with a label (after the per-sample shift)
     max_length: int = 0
+    packing: bool = False  # rows hold several samples
 
     def summary(self) -> str:
         fill = self.tokens / (self.rows * self.max_length) if self.rows and self.max_length else 0.0
+        rows = f"{self.rows} packed rows" if self.packing else f"{self.rows} rows (no packing)"
         return (
             f"SFT data {self.source}: {self.records} records -> {self.samples} samples "
             f"({self.truncated} truncated to {self.max_length} tokens, {self.dropped_overlong} dropped as over-long, "
-            f"{self.malformed} malformed skipped) -> {self.rows} rows, {self.tokens} tokens "
+            f"{self.malformed} malformed skipped) -> {rows}, {self.tokens} tokens "
             f"({self.target_tokens} trained, row fill {fill:.0%})"
         )
 
@@ -210,13 +213,27 @@ def encode_record(record: Mapping[str, Any], tokenizer: Any, *, format: RecordFo
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
     """`[(line_number, parsed_object_or_error), ...]` for the non-blank lines of a JSONL file (1-based numbers).
 
-    Lines that are not valid JSON come back as `_SampleError` instances so the caller reports them with the rest.
+    Lines that are not valid JSON or not UTF-8 come back as `_SampleError` instances so the caller reports them with
+    the rest. A UTF-8 byte-order mark at the start of the file is ignored; a UTF-16 file is an error.
     """
     if not os.path.isfile(path):
         raise SFTDataError(f"dataset file not found: {path}")
     items: list[tuple[int, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # bytes: one undecodable line must not hide the others
+        for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                    raise SFTDataError(
+                        f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); JSONL must be UTF-8: "
+                        "save the file as UTF-8"
+                    )
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # written by some Windows editors; not data
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                problem = f"not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line)"
+                items.append((number, _SampleError(problem + "; save the file as UTF-8")))
+                continue
             if not line.strip():
                 continue
             try:
@@ -351,7 +368,7 @@ def build_sft_dataset(
         items, stats = read_jsonl(source), SFTDataStats(source=str(source))
     else:
         items, stats = list(enumerate(source, start=1)), SFTDataStats()
-    stats.max_length, stats.records = max_length, len(items)
+    stats.max_length, stats.records, stats.packing = max_length, len(items), packing
     errors: list[str] = []
     samples: list[dict[str, list[int]]] = []
     for number, record in items:
@@ -370,13 +387,16 @@ def build_sft_dataset(
         stats.truncated += outcome == "truncated"
         samples.append(example)
     if errors:
-        listed = "\n  ".join(errors[:_MAX_LISTED_ERRORS])
-        more = f"\n  ... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
-        message = f"{len(errors)} malformed record(s) in {stats.source}:\n  {listed}{more}"
+        if len(errors) == 1:  # one line, as the CLI prints it
+            message = f"malformed record in {stats.source}, {errors[0]}"
+            fix = ". Fix it, or set on_malformed='skip' (data.on_malformed=skip) to skip it."
+        else:
+            listed = "\n  ".join(errors[:_MAX_LISTED_ERRORS])
+            more = f"\n  ... and {len(errors) - _MAX_LISTED_ERRORS} more" if len(errors) > _MAX_LISTED_ERRORS else ""
+            message = f"{len(errors)} malformed record(s) in {stats.source}:\n  {listed}{more}"
+            fix = "\nFix them, or set on_malformed='skip' (data.on_malformed=skip) to skip them."
         if on_malformed == "raise":
-            raise SFTDataError(
-                message + "\nFix them, or set on_malformed='skip' (data.on_malformed: skip) to skip them."
-            )
+            raise SFTDataError(message + fix)
         stats.malformed = len(errors)
         logger.warning(message + "\n(skipped: on_malformed='skip')")
     if not samples:

@@ -12,6 +12,7 @@ from the start of the full name or as a suffix, so a parent name like `mlp.gate`
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,29 @@ QLORA_SKIP_MODULES: tuple[str, ...] = (
 )
 QUANT_BITS: tuple[int, ...] = (4, 8)
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+BNB_OPTIONAL_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _OptionalKernelNotice(pylogging.Filter):
+    """Demote one bitsandbytes (0.50) import-time warning to a debug line; every other bitsandbytes record passes.
+
+    On CPUs with AVX512-BF16, `import bitsandbytes` tries to fetch an optional 4-bit inference kernel from the Hub
+    (kernels-community) and warns when it cannot (offline, publisher not trusted, `kernels` not installed). PEFT
+    imports bitsandbytes whenever it is installed, so the warning came with every LoRA run, quantized or not. Nothing
+    is lost: bitsandbytes falls back to its built-in kernel, and that inference-only path is switched off for
+    training anyway (`_keep_cpu_4bit_weights_trainable`).
+    """
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(BNB_OPTIONAL_KERNEL_NOTICE):
+            logger.debug(f"bitsandbytes: {message}")
+            return False
+        return True
+
+
+# installed before anything imports bitsandbytes (the warning is logged while bitsandbytes is being imported)
+pylogging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
 
 
 def _dtype(value: str | torch.dtype) -> torch.dtype:

@@ -55,8 +55,25 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
+def _yaml(text: str, *, where: str) -> Any:
+    """Parse YAML (plain data only); a YAML error becomes a one-line `RecipeError` naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
+    except yaml.YAMLError as error:
+        raise _yaml_error(error, where) from None
+
+
+def _yaml_error(error: yaml.YAMLError, where: str) -> RecipeError:
+    mark = getattr(error, "problem_mark", None)
+    at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(error, "problem", None) or error).split())
+    if isinstance(error, yaml.constructor.ConstructorError) and "tag" in problem:
+        tag = problem.rsplit("tag:yaml.org,2002:", 1)[-1].rstrip("'")
+        return RecipeError(
+            f"{where}{at}: YAML tag !!{tag} is not allowed; a recipe is plain data (mappings, lists, strings, "
+            "numbers, true/false, null): remove the tag"
+        )
+    return RecipeError(f"{where}{at}: not valid YAML ({problem}); check the indentation, quotes and brackets there")
 
 
 class RecipeError(ValueError):
@@ -205,6 +222,12 @@ class Recipe:
                 raise RecipeError(f"recipe key train.{key}: expected a number, got {value!r}")
         if "output_dir" not in self.train:
             raise RecipeError("recipe key train.output_dir is required")
+        resume = self.train.get("resume_from_checkpoint")
+        if not (resume is None or isinstance(resume, bool) or (isinstance(resume, str) and resume)):
+            raise RecipeError(
+                "recipe key train.resume_from_checkpoint: expected true (the newest complete checkpoint in "
+                f"train.output_dir), false, or a checkpoint folder, got {resume!r}"
+            )
 
 
 _SECTIONS = {
@@ -254,7 +277,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | None) -> dict
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r}: expected section.key=value (e.g. train.max_steps=100)")
-        value = _yaml(raw) if raw else ""
+        value = _yaml(raw, where=f"override {item!r}") if raw else ""
         parts = key.split(".")
         target = values
         for part in parts[:-1]:
@@ -269,8 +292,16 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Read a YAML recipe, apply overrides, validate. Relative `data.*_file` paths stay relative to the CWD."""
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        values = _yaml(handle.read()) or {}
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark (some Windows editors write one) is not data
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise RecipeError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); save the recipe as UTF-8"
+        ) from None
+    values = _yaml(text, where=str(path)) or {}
     return recipe_from_dict(apply_overrides(values, overrides), source=str(path))
 
 
