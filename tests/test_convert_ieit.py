@@ -174,7 +174,8 @@ def test_pickle_with_code_is_refused(ieit_copy, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("moe_config.moe_num_experts", 4, "config.json implies (4, 64)"),
+        ("moe_config.moe_num_experts", 4, "moe_config.moe_num_experts=4 in config.json, but model.layers.0.mlp.gate.query.weight has 8 rows"),
+        ("moe_config.ffn_hidden_size", 64, "moe_config.ffn_hidden_size=64 in config.json, but model.layers.0.mlp.experts.0.w1.weight has 96 rows"),
         ("num_attention_heads", 3, "not divisible"),
         ("hidden_size", 32, "shape"),
         ("num_hidden_layers", 2, "model.layers.2"),
@@ -219,8 +220,13 @@ def test_non_empty_destination_needs_overwrite(tmp_path, capsys):
     src = fixtures_dir() / "yuan_m32_tiny" / "ieit_hf_safetensors"
     assert cli(["convert", "ieit-hf", str(src), str(dst)]) != 0
     assert "--overwrite" in capsys.readouterr().err and (dst / "keep.txt").exists()
-    assert cli(["convert", "ieit-hf", str(src), str(dst), "--overwrite"]) == 0
-    assert (dst / "model.safetensors").is_file() and not (dst / "keep.txt").exists()
+    # --overwrite replaces only a previous output of ours: the user's file is kept and named
+    assert cli(["convert", "ieit-hf", str(src), str(dst), "--overwrite"]) != 0
+    assert "keep.txt" in capsys.readouterr().err and (dst / "keep.txt").read_text() == "user data"
+    (dst / "keep.txt").unlink()
+    assert cli(["convert", "ieit-hf", str(src), str(dst)]) == 0
+    assert cli(["convert", "ieit-hf", str(src), str(dst), "--overwrite"]) == 0  # a previous conversion: replaced
+    assert (dst / "model.safetensors").is_file() and (dst / "conversion.json").is_file()
 
 
 def test_key_table_rejects_unknown_keys():

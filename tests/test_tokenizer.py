@@ -358,17 +358,23 @@ def test_non_empty_destination_and_overwrite(demo_dir, tmp_path):
     with pytest.raises(ConversionError, match="not empty.*--overwrite"):
         convert_tokenizer(demo_dir, dst)
     assert (dst / "keep.txt").read_text() == "user data"
-    convert_tokenizer(demo_dir, dst, overwrite=True)
-    assert not (dst / "keep.txt").exists() and (dst / "tokenizer.json").is_file()
+    with pytest.raises(ConversionError, match="only replaces a previous output.*keep.txt"):
+        convert_tokenizer(demo_dir, dst, overwrite=True)  # not a tokenizer folder: the user's file stays
+    assert (dst / "keep.txt").read_text() == "user data"
+    (dst / "keep.txt").unlink()
+    convert_tokenizer(demo_dir, dst)
+    (dst / "stale.txt").write_text("from an older conversion")
+    convert_tokenizer(demo_dir, dst, overwrite=True)  # a previous tokenizer folder is replaced whole
+    assert not (dst / "stale.txt").exists() and (dst / "tokenizer.json").is_file()
     assert leftovers(tmp_path) == []
 
 
 def test_failure_while_writing_keeps_old_destination(demo_dir, tmp_path, monkeypatch):
     from transformers import TokenizersBackend
 
-    dst = tmp_path / "out"
-    dst.mkdir()
+    dst = convert_tokenizer(demo_dir, tmp_path / "out")  # a previous conversion, which --overwrite may replace
     (dst / "old.txt").write_text("previous conversion")
+    before = sorted(p.name for p in dst.iterdir())
 
     def broken_save(self, *args, **kwargs):
         raise OSError("disk full")
@@ -376,7 +382,7 @@ def test_failure_while_writing_keeps_old_destination(demo_dir, tmp_path, monkeyp
     monkeypatch.setattr(TokenizersBackend, "save_pretrained", broken_save)
     with pytest.raises(OSError, match="disk full"):
         convert_tokenizer(demo_dir, dst, overwrite=True)
-    assert sorted(p.name for p in dst.iterdir()) == ["old.txt"] and leftovers(tmp_path) == []
+    assert sorted(p.name for p in dst.iterdir()) == before and leftovers(tmp_path) == []
 
 
 def test_custom_chat_template(demo_dir, tmp_path):

@@ -69,7 +69,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                            "10000 for the pretrained base or parity with IEIT's remote code)")
     ieit.add_argument("--ieit-bf16-rope", action="store_true",
                       help="reproduce IEIT remote code's bf16 RoPE tables bit for bit (parity checks only)")
-    ieit.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    ieit.add_argument("--max-shard-size", default="5GB", type=_shard_size, help="largest safetensors shard, e.g. 5GB, 500MB")
     ieit.add_argument("--tokenizer", default=None,
                       help="folder or file with IEIT's tokenizer.model to convert into the output folder")
     ieit.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -86,9 +86,20 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     mega.add_argument("--rope-theta", type=float, default=None, help="override the RoPE base recorded in the args")
     mega.add_argument("--token-ids", default=None, type=_parse_token_ids,
                       help="without --tokenizer: special ids, e.g. 'eos=77185,sep=77187,pad=77188,bos=77185'")
-    mega.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    mega.add_argument("--max-shard-size", default="5GB", type=_shard_size, help="largest safetensors shard, e.g. 5GB, 500MB")
     mega.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     mega.add_argument("--verify", action="store_true", help="reload the result and run a short forward")
+
+
+def _shard_size(text: str) -> str:
+    """Validate --max-shard-size while parsing, so a typo is a usage error, not a failure mid-conversion."""
+    from .conversion.native.output import parse_size
+
+    try:
+        parse_size(text)
+    except ConversionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _parse_token_ids(text: str) -> dict[str, int]:
@@ -144,7 +155,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
         summary = convert_ieit_hf(
             args.src, args.dst, dtype=args.dtype, rope_theta=args.rope_theta, rope_in_bfloat16=args.ieit_bf16_rope,
-            max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, tokenizer=args.tokenizer, overwrite=args.overwrite, verify=args.verify,
         )  # fmt: skip
     elif args.kind == "megatron":
         from .conversion.megatron import convert_megatron
@@ -152,13 +163,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         summary = convert_megatron(
             args.src, args.dst, iteration=args.iteration, tokenizer=args.tokenizer, dtype=args.dtype,
             rope_theta=args.rope_theta, token_ids=args.token_ids, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, verify=args.verify,
         )  # fmt: skip
     if args.kind in ("ieit-hf", "megatron"):
-        if args.verify:
-            from .conversion.native import verify_folder
-
-            summary.notes.append(verify_folder(args.dst))
         print(summary)
         return 0
     if args.kind == "tokenizer":

@@ -72,7 +72,14 @@ def read_weight_index(index_file: Path) -> dict[str, str]:
         weight_map = json.loads(index_file.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ConversionError(f"{index_file} is not a valid index (no weight_map): {err}") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConversionError(f"{index_file}: weight_map must map tensor names to file names")
     for name in set(weight_map.values()):
+        if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+            raise ConversionError(
+                f"{index_file.name} names {name!r}, which lies outside {index_file.parent}; an index may only name "
+                "files inside its own folder. Refusing to read weights from elsewhere"
+            )
         if not (index_file.parent / name).is_file():
             raise ConversionError(f"{index_file.name} names {name}, which is missing from {index_file.parent}")
     return weight_map

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..modeling import YuanM32Config
-from .common import PRETRAIN_ROPE_THETA, SFT_ROPE_THETA, ConversionError, read_weight_index
+from .common import PRETRAIN_ROPE_THETA, SFT_ROPE_THETA, ConversionError, read_weight_index, tensor_digest
 from .native.builder import IEIT_KEYS, NativeStateBuilder
 from .native.folder import ConversionSummary, resolve_dtype, write_converted
 
@@ -137,26 +137,97 @@ class IEITCheckpoint:
             f"{self.path} holds no weights (expected model.safetensors[.index.json] or pytorch_model.bin[.index.json])"
         )
 
+    @property
+    def declared_dtype(self) -> torch.dtype | None:
+        """The weights' dtype ``config.json`` declares (``torch_dtype`` / ``dtype``), if it names a floating type."""
+        name = self.config.get("torch_dtype", self.config.get("dtype"))
+        dtype = getattr(torch, str(name).replace("torch.", ""), None) if name else None
+        return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+    def file_keys(self, name: str) -> list[str]:
+        """The keys one weight file holds (safetensors: from the header; ``.bin``: memory-mapped, no data read)."""
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(self.path / name), framework="pt") as handle:
+                    return list(handle.keys())
+            except (SafetensorError, OSError) as err:
+                raise ConversionError(f"cannot read {self.path / name}: it is truncated or not a weight file ({err})") from err
+        return list(self._load_bin(self.path / name))
+
     def load_file(self, name: str) -> dict[str, torch.Tensor]:
-        """Load one weight file on CPU (``.bin`` with ``weights_only=True``); errors name the file."""
+        """Load one weight file on CPU (``.bin`` with ``weights_only=True``); errors name the file.
+
+        Every tensor must be floating point, and of the dtype ``config.json`` declares unless its element size
+        differs (e.g. fp32 norms in a bf16 checkpoint): a header that names another dtype of the same size
+        (``F16`` for ``BF16`` data, ``I16``) would otherwise reinterpret the bytes silently.
+        """
         file = self.path / name
-        try:
-            if name.endswith(".safetensors"):
+        if name.endswith(".safetensors"):
+            try:
                 with safe_open(str(file), framework="pt") as handle:
-                    return {key: handle.get_tensor(key) for key in handle.keys()}
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+                    tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            except (SafetensorError, OSError) as err:
+                raise ConversionError(f"cannot read {file}: it is truncated or not a weight file ({err})") from err
+        else:
+            tensors = self._load_bin(file)
+        declared = self.declared_dtype
+        for key, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ConversionError(f"{file}: {key} is a {type(tensor).__name__}, not a tensor")
+            wrong_kind = not tensor.is_floating_point()
+            same_size_other = declared is not None and tensor.dtype != declared and tensor.element_size() == declared.itemsize
+            if wrong_kind or same_size_other:
+                raise ConversionError(
+                    f"{file}: {key} is stored as {tensor.dtype}, but config.json declares torch_dtype {declared} "
+                    f"(same {tensor.element_size()}-byte elements): the header's dtype is wrong or the file was "
+                    "re-saved without updating config.json. Fix whichever is wrong; converting would reinterpret the bytes"
+                    if same_size_other and not wrong_kind
+                    else f"{file}: {key} is stored as {tensor.dtype}; model weights must be floating point "
+                    "(the file's header is wrong or this is not a weight file)"
+                )
+        return tensors
+
+    def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
+        if file.is_file() and not zipfile.is_zipfile(file):
+            with open(file, "rb") as handle:
+                head = handle.read(32)
+            if head[:2] == b"\x80\x02" and LEGACY_TORCH_MAGIC in head:
+                raise ConversionError(
+                    f"{file} is a legacy (pre-1.6, non-zip) torch.save file, which this converter does not read "
+                    "(weights_only loading needs the zip format). Re-save it with a recent torch in a trusted "
+                    "environment: torch.save(torch.load(path, weights_only=False), path), or convert it to "
+                    "safetensors, then run the conversion again"
+                )
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
             raise ConversionError(f"cannot read {file}: it is truncated or not a weight file ({err})") from err
+        if not isinstance(loaded, Mapping):
+            raise ConversionError(f"{file} holds a {type(loaded).__name__}, expected a state dict of tensors")
+        return dict(loaded)
+
+
+# torch.save's legacy format starts with pickle protocol 2 and this magic number (a pickled int).
+LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
 
 
 def iter_native_tensors(
     checkpoint: IEITCheckpoint, builder: NativeStateBuilder, *, progress: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream native tensors from an IEIT checkpoint, one source file in memory at a time."""
+    """Stream native tensors from an IEIT checkpoint, one source file in memory at a time.
+
+    A key held by several files (a re-sharded or hand-merged checkpoint) is accepted when every copy is
+    bitwise identical, and refused, naming both files, when they differ.
+    """
     # pre-flight on the index alone: unknown keys fail before any tensor is read
     for keys in checkpoint.files.values():
         for key in keys or ():
             IEIT_KEYS.target(key)
+    holders: dict[str, list[str]] = {}
+    for name in checkpoint.files:
+        for key in checkpoint.file_keys(name):
+            holders.setdefault(key, []).append(name)
+    first_copy: dict[str, tuple[str, str]] = {}  # duplicated key -> (file, digest) of the copy converted
     for name in tqdm(list(checkpoint.files), desc="converting shards", unit="file", disable=not progress):
         tensors = checkpoint.load_file(name)
         listed = checkpoint.files[name]
@@ -164,6 +235,17 @@ def iter_native_tensors(
             absent = sorted(set(listed) - set(tensors))[:5]
             raise ConversionError(f"{name} lacks keys its index promises: {absent}")
         for key, tensor in tensors.items():
+            if len(holders.get(key, ())) > 1:
+                digest = tensor_digest(tensor)
+                if key in first_copy:
+                    other, other_digest = first_copy[key]
+                    if digest != other_digest:
+                        raise ConversionError(
+                            f"{key} is in both {checkpoint.path / other} and {checkpoint.path / name} with different "
+                            "values; remove the stale copy (or the stale file) so that one remains"
+                        )
+                    continue  # an identical copy: converted once
+                first_copy[key] = (name, digest)
             yield from builder.add(key, tensor)
         del tensors
     builder.finish()
@@ -179,9 +261,13 @@ def convert_ieit_hf(
     max_shard_size: str | int = "5GB",
     tokenizer: str | os.PathLike | None = None,
     overwrite: bool = False,
+    verify: bool = False,
     progress: bool = True,
 ) -> ConversionSummary:
     """Convert IEIT's HF-layout folder ``src`` into a native ``yuan_m32`` folder ``dst`` (atomically).
+
+    ``overwrite`` replaces only a previous output of this package; ``verify`` reloads the result and runs a
+    short forward before it is moved into place.
 
     ``rope_theta`` defaults to 40890 (the released SFT model); use 10000 (and ``rope_in_bfloat16=True``)
     to reproduce IEIT's remote code exactly.
@@ -190,10 +276,10 @@ def convert_ieit_hf(
     torch_dtype = resolve_dtype(dtype)
     checkpoint = IEITCheckpoint.open(src)
     config, notes = native_config_from_ieit(checkpoint.config, rope_theta=rope_theta, rope_in_bfloat16=rope_in_bfloat16)
-    builder = NativeStateBuilder(config, dtype=torch_dtype)
+    builder = NativeStateBuilder(config, dtype=torch_dtype, notes=notes)
     provenance = {
         "source_format": "ieit_hf",
-        "source": str(Path(src).absolute()),
+        "source": Path(src).resolve().name,  # the folder's name only: provenance ends up in model cards
         "rope_theta": config.rope_parameters["rope_theta"],
         "rope_in_bfloat16": rope_in_bfloat16,
         "dtype": str(torch_dtype or "as stored"),
@@ -202,6 +288,7 @@ def convert_ieit_hf(
     return write_converted(
         dst, config, iter_native_tensors(checkpoint, builder, progress=progress), overwrite=overwrite,
         started=start, notes=notes, max_shard_size=max_shard_size, provenance=provenance, tokenizer=tokenizer,
+        sources=[src], verify=verify,
     )  # fmt: skip
 
 

@@ -167,6 +167,11 @@ YUAN_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt and loop_messages[-1]['role'] == 'user' -%}{{- '<sep>' -}}{%- endif -%}"
 )
 
+def _is_tokenizer_folder(folder: Path) -> bool:
+    """A previous output of :func:`convert_tokenizer` (what ``overwrite`` may replace)."""
+    return (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()
+
+
 def _resolve_source(src: str | os.PathLike) -> Path:
     src = Path(src)
     if src.is_dir():
@@ -306,7 +311,7 @@ def convert_tokenizer(
 
     model_file = _resolve_source(src)
     # entered first so that a non-empty dst is refused before any work; an error below leaves dst untouched
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite=overwrite, sources=[model_file], replaceable=_is_tokenizer_folder) as tmp:
         proto = read_sentencepiece_model(model_file)
         _validate(model_file, proto)
         backend = _build_backend(proto)

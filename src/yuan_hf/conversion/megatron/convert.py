@@ -33,14 +33,16 @@ def convert_megatron(
     token_ids: Mapping[str, int] | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    verify: bool = False,
     progress: bool = True,
 ) -> ConversionSummary:
     """Convert a Megatron-LM checkpoint (any TP x PP) into a native, Hub-ready ``yuan_m32`` folder.
 
     Streams one pipeline stage at a time through the same IEIT-layout transforms, shape checks and
     atomic sharded writer as ``convert ieit-hf``; token ids come from ``tokenizer`` (Megatron args do not
-    record them; without a tokenizer pass ``token_ids`` like ``{"eos": 77185, "sep": 77187}``, else the
-    release's ids are used). Returns a :class:`~yuan_hf.conversion.native.folder.ConversionSummary`.
+    record them; without a tokenizer pass all four ``token_ids``, e.g. ``{"bos": 77185, "eos": 77185, "pad": 77188,
+    "sep": 77187}``, else the release's ids are used). ``overwrite`` replaces only a previous output of this
+    package; ``verify`` checks the folder before it is moved into place. Returns a :class:`~yuan_hf.conversion.native.folder.ConversionSummary`.
     """
     start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype)
@@ -52,25 +54,28 @@ def convert_megatron(
                                          "partial_rotary_factor": float(args.get("rotary_percent") or 1.0)}}  # fmt: skip
     kwargs, notes = native_config_from_args(ckpt.args, overrides=overrides)
     if token_ids:
-        unknown = set(token_ids) - {"bos", "eos", "pad", "sep"}
-        if unknown:
-            raise ConversionError(f"unknown token id name(s) {sorted(unknown)}; use bos, eos, pad, sep")
-        kwargs |= {f"{name}_token_id": int(value) for name, value in token_ids.items()}
+        kwargs |= _token_id_kwargs(token_ids, vocab_size=kwargs["vocab_size"])
     elif tokenizer is not None:  # the tokenizer's ids are adopted once it is converted
-        kwargs |= {f"{name}_token_id": None for name in ("bos", "eos", "pad", "sep")}
+        kwargs |= {f"{name}_token_id": None for name in TOKEN_ID_NAMES}
     else:
         release_ids = YuanM32Config().eos_token_id, YuanM32Config().sep_token_id
         if max(release_ids) >= kwargs["vocab_size"]:
             raise ConversionError(
                 f"Megatron args record no token ids and the release's (<eod> {release_ids[0]}, <sep> {release_ids[1]}) "
-                f"do not fit this model's vocabulary ({kwargs['vocab_size']}); pass --tokenizer"
+                f"do not fit this model's vocabulary ({kwargs['vocab_size']}); pass --tokenizer (IEIT's "
+                "tokenizer.model), or all four ids with --token-ids bos=..,eos=..,pad=..,sep=.."
             )
         notes.append(
             "token ids: Megatron args do not record them; using the release's (<eod> 77185, <sep> 77187). "
             "Pass --tokenizer to take them from the tokenizer (and get a complete folder)"
         )
-    config = YuanM32Config(**kwargs)
-    builder = NativeStateBuilder(config, dtype=torch_dtype)
+    try:
+        config = YuanM32Config(**kwargs)
+    except ValueError as exc:
+        raise ConversionError(f"the Megatron args and token ids give an invalid config: {exc}") from exc
+    builder = NativeStateBuilder(
+        config, dtype=torch_dtype, config_fields=MEGATRON_CONFIG_FIELDS, config_source="the Megatron args", notes=notes
+    )
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         stages = iter_ieit_stages(ckpt)
@@ -82,7 +87,7 @@ def convert_megatron(
 
     provenance = {
         "source_format": "megatron",
-        "source": str(Path(src).absolute()),
+        "source": Path(src).resolve().name,  # the folder's name only: provenance ends up in model cards
         "iteration": ckpt.iteration,
         "tensor_parallel": ckpt.tp_size,
         "pipeline_parallel": ckpt.pp_size,
@@ -92,6 +97,41 @@ def convert_megatron(
     }
     return write_converted(
         dst, config, tensors(), overwrite=overwrite, started=start, notes=notes, max_shard_size=max_shard_size,
-        provenance=provenance, tokenizer=tokenizer, adopt_token_ids=True,
+        provenance=provenance, tokenizer=tokenizer, adopt_token_ids=True, sources=[src], verify=verify,
     )  # fmt: skip
+
+
+TOKEN_ID_NAMES = ("bos", "eos", "pad", "sep")
+
+# Native sizes under their names in Megatron's args (errors about a config contradicting tensors name these).
+MEGATRON_CONFIG_FIELDS = {
+    "vocab_size": "args.padded_vocab_size",
+    "hidden_size": "args.hidden_size",
+    "projection": "args.num_attention_heads x args.kv_channels",
+    "num_experts": "args.num_experts",
+    "moe_intermediate_size": "args.ffn_hidden_size",
+    "num_hidden_layers": "args.num_layers",
+}
+
+
+def _token_id_kwargs(token_ids: Mapping[str, int], *, vocab_size: int) -> dict[str, int]:
+    """``--token-ids`` -> config kwargs. All four are needed: Megatron args record none, and silently taking
+    the release's ids for the missing ones would mix two vocabularies."""
+    unknown = sorted(set(token_ids) - set(TOKEN_ID_NAMES))
+    if unknown:
+        raise ConversionError(f"unknown token id name(s) {unknown} in --token-ids; use bos, eos, pad, sep")
+    missing = [name for name in TOKEN_ID_NAMES if name not in token_ids]
+    if missing:
+        raise ConversionError(
+            f"--token-ids lacks {', '.join(missing)}: Megatron args record no token ids, so all four are needed "
+            "(e.g. --token-ids bos=77185,eos=77185,pad=77188,sep=77187 for the release's tokenizer), or pass "
+            "--tokenizer to take them from IEIT's tokenizer.model"
+        )
+    out = {}
+    for name in TOKEN_ID_NAMES:
+        value = int(token_ids[name])
+        if not 0 <= value < vocab_size:
+            raise ConversionError(f"--token-ids {name}={value} is outside the model's vocabulary (0..{vocab_size - 1})")
+        out[f"{name}_token_id"] = value
+    return out
 

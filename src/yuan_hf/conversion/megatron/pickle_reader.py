@@ -36,6 +36,9 @@ __all__ = ["DROPPED_ENTRIES", "LazyTensor", "MegatronStub", "RestrictedUnpickler
 # their tensors are never read from disk (see LazyTensor), then the entries are dropped.
 DROPPED_ENTRIES = ("optimizer", "opt_param_scheduler", "lr_scheduler", "rng_state")
 
+# torch.save's legacy format starts with pickle protocol 2 and this magic number (a pickled int).
+LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
+
 
 class MegatronStub:
     """Inert stand-in for an object of one of Megatron's own classes, e.g. ``args.model_type``
@@ -163,7 +166,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("numpy", "dtype"): np.dtype,
     }
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(module, "_reconstruct")] = reconstruct
+        allowed[(module, "_reconstruct")] = functools.partial(_bounded_reconstruct, reconstruct)
         allowed[(module, "scalar")] = scalar
     for name, value in vars(getattr(np, "dtypes", object)).items():  # numpy >= 1.25 pickles dtypes as classes
         if isinstance(value, type) and issubclass(value, np.dtype):
@@ -172,6 +175,52 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         if isinstance(value, torch.dtype):
             allowed[("torch", name)] = value
     return allowed
+
+
+# numpy pickles an array as ``_reconstruct(ndarray, (0,), b"b")`` then ``__setstate__`` with the data; the
+# first call allocates its shape, so a hostile file could ask for a terabyte there. The data of a real
+# array comes with __setstate__, whose size numpy checks against the bytes actually present.
+MAX_RECONSTRUCT_ELEMENTS = 1 << 20
+# Megatron nests its state about 5 levels deep (model -> language_model -> encoder -> key); anything far
+# deeper is not a checkpoint, and walking it recursively would exhaust the stack.
+MAX_NESTING = 64
+
+
+def _bounded_reconstruct(reconstruct: Any, subtype: Any, shape: Any, dtype: Any) -> Any:
+    try:
+        elements = int(np.prod(np.asarray(shape, dtype=np.int64))) if np.ndim(shape) else int(shape)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConversionError(f"a numpy array is declared with the shape {shape!r}; the file is corrupt") from exc
+    if elements > MAX_RECONSTRUCT_ELEMENTS or elements < 0:
+        raise ConversionError(
+            f"a numpy array is declared with {elements} elements before its data (numpy's own pickles declare 0); "
+            "refusing to allocate it: the file is corrupt or hostile"
+        )
+    return reconstruct(subtype, shape, dtype)
+
+
+def _check_nesting(value: Any, path: Path) -> None:
+    """Raise if containers nest deeper than :data:`MAX_NESTING` (iteratively: no recursion on hostile input)."""
+    stack = [(value, 0)]
+    seen: set[int] = set()
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ConversionError(
+                f"{path}: containers nest more than {MAX_NESTING} levels deep (a Megatron checkpoint nests about 5); "
+                "refusing to read it: the file is corrupt or not a checkpoint"
+            )
+        if id(node) in seen:
+            continue
+        if isinstance(node, Mapping):
+            seen.add(id(node))
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            seen.add(id(node))
+            stack.extend((child, depth + 1) for child in node)
+        elif isinstance(node, argparse.Namespace):
+            seen.add(id(node))
+            stack.extend((child, depth + 1) for child in vars(node).values())
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -248,6 +297,14 @@ def open_zip(path: Path) -> tuple[bytes, dict[str, zipfile.ZipInfo], str]:
     if not path.is_file():
         raise ConversionError(f"checkpoint file {path} does not exist")
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            head = handle.read(32)
+        if head[:2] == b"\x80\x02" and LEGACY_TORCH_MAGIC in head:
+            raise ConversionError(
+                f"{path} is a legacy (pre-1.6, non-zip) torch.save file, which this reader does not parse. Re-save it "
+                "with a recent torch in a trusted environment (torch.save(torch.load(path, weights_only=False), path); "
+                "Megatron's own classes must be importable there), then convert again"
+            )
         raise ConversionError(
             f"{path} is not a zip torch.save file: it is truncated or corrupt (or a legacy pre-1.6 torch "
             "file, which is not supported: load and re-save it with a recent torch in a trusted environment)"
@@ -295,14 +352,17 @@ def load_megatron_file(
     data, records, prefix = open_zip(path)
     try:
         loaded = RestrictedUnpickler(data, source=path, records=records, prefix=prefix).load()
-    except ConversionError:
-        raise
+    except ConversionError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ConversionError(f"{path}: {exc}") from exc
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             RecursionError, UnicodeDecodeError) as exc:  # fmt: skip
         raise ConversionError(
             f"cannot read checkpoint file {path}: {type(exc).__name__}: {exc}. The file is truncated or corrupt; "
             "copy it again from the source"
         ) from exc
+    _check_nesting(loaded, path)
     if not isinstance(loaded, Mapping):
         raise ConversionError(f"{path} holds a {type(loaded).__name__}, expected the dict Megatron saves")
     kept = {key: value for key, value in loaded.items() if key not in drop}

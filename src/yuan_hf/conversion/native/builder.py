@@ -8,14 +8,16 @@ below are the only place where the native layout is produced.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+import warnings
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from ...modeling import YuanM32Config, YuanM32ForCausalLM
 from ..common import ConversionError, KeyTable, tensor_digest
 
-__all__ = ["IEIT_KEYS", "NativeStateBuilder", "conv2d_to_conv1d", "split_fused_qk", "split_gate_up"]
+__all__ = ["IEIT_CONFIG_FIELDS", "IEIT_KEYS", "ConversionWarning", "NativeStateBuilder", "SHAPE_FIELDS", "conv2d_to_conv1d", "split_fused_qk", "split_gate_up"]
 
 
 # IEIT key -> native key. `{}` = layer number (then expert number). Every IEIT key must match.
@@ -73,15 +75,69 @@ def conv2d_to_conv1d(weight: torch.Tensor) -> torch.Tensor:
     return weight.squeeze(-1) if weight.ndim == 4 else weight
 
 
-class NativeStateBuilder:
-    """Turns IEIT tensors (in any order, shard by shard) into native tensors, checking every shape.
+# Which config field sets each dimension of a native tensor (matched on the key's ending), so that a
+# config contradicting the tensors is reported by the field's name. "projection" = heads x head_dim.
+SHAPE_FIELDS: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    ("embed_tokens.weight", ("vocab_size", "hidden_size")),
+    ("lm_head.weight", ("vocab_size", "hidden_size")),
+    ("layernorm.weight", ("hidden_size",)),
+    ("norm.weight", ("hidden_size",)),
+    ("self_attn.q_proj.weight", ("projection", "hidden_size")),
+    ("self_attn.k_proj.weight", ("projection", "hidden_size")),
+    ("self_attn.v_proj.weight", ("projection", "hidden_size")),
+    ("self_attn.o_proj.weight", ("hidden_size", "projection")),
+    ("lf_gate.conv1.weight", ("hidden_size", "hidden_size", None)),
+    ("lf_gate.conv1.bias", ("hidden_size",)),
+    ("lf_gate.conv2.weight", ("hidden_size", "hidden_size", None)),
+    ("lf_gate.conv2.bias", ("hidden_size",)),
+    ("mlp.gate.query.weight", ("num_experts", "hidden_size")),
+    ("mlp.gate.key.weight", ("num_experts", "hidden_size")),
+    ("mlp.gate.value.weight", ("num_experts", "hidden_size")),
+    ("mlp.gate.weight", ("num_experts", "hidden_size")),
+    ("gate_proj.weight", ("moe_intermediate_size", "hidden_size")),
+    ("up_proj.weight", ("moe_intermediate_size", "hidden_size")),
+    ("down_proj.weight", ("hidden_size", "moe_intermediate_size")),
+)
 
-    Tensors that need a partner (q/k halves) wait in ``pending`` until it arrives.
+# The native fields above under their names in IEIT's config.json (the default source of a config).
+IEIT_CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "projection": "attention_projection_size",
+    "num_experts": "moe_config.moe_num_experts",
+    "moe_intermediate_size": "moe_config.ffn_hidden_size",
+    "num_hidden_layers": "num_hidden_layers",
+}
+
+
+class ConversionWarning(UserWarning):
+    """Converted weights that load but are probably wrong (NaN/Inf, values beyond the output dtype)."""
+
+
+class NativeStateBuilder:
+    """Turns IEIT tensors (in any order, shard by shard) into native tensors, checking every shape and value.
+
+    Tensors that need a partner (q/k halves) wait in ``pending`` until it arrives. ``config_fields`` maps the
+    native size names of :data:`SHAPE_FIELDS` to the names the source uses (``config_source`` says where they
+    are), so a contradiction between config and tensors names the field to fix. Non-finite values, and finite
+    values that overflow a float16 output, are collected and reported once by :meth:`finish` as a
+    :class:`ConversionWarning` (and in ``notes``, when given).
     """
 
-    def __init__(self, config: YuanM32Config, *, dtype: torch.dtype | None):
+    def __init__(
+        self,
+        config: YuanM32Config,
+        *,
+        dtype: torch.dtype | None,
+        config_fields: Mapping[str, str] = IEIT_CONFIG_FIELDS,
+        config_source: str = "config.json",
+        notes: list[str] | None = None,
+    ):
         self.config = config
         self.dtype = dtype
+        self.config_fields = dict(config_fields)
+        self.config_source = config_source
+        self.notes = notes
         with torch.device("meta"):
             reference = YuanM32ForCausalLM(config)
         self.expected = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
@@ -89,24 +145,60 @@ class NativeStateBuilder:
             self.expected.pop("lm_head.weight", None)
         self.produced: set[str] = set()
         self.pending: dict[str, torch.Tensor] = {}
+        self.non_finite: list[str] = []
+        self.overflow: list[str] = []
         # digests, not tensors: keeping the [V, H] embedding alive would cost a shard's worth of memory
         self.embedding_digest: str | None = None
         self.lm_head_digest: str | None = None
 
+    def _size(self, field: str) -> int:
+        if field == "projection":
+            return self.config.num_attention_heads * self.config.head_dim
+        return getattr(self.config, field)
+
+    def _field(self, field: str) -> str:
+        return f"{self.config_fields.get(field, field)}={self._size(field)} in {self.config_source}"
+
+    def _unknown_target(self, name: str, source: str) -> ConversionError:
+        numbers = [int(n) for n in re.findall(r"\.(\d+)\.", name)]
+        if numbers and numbers[0] >= self.config.num_hidden_layers:
+            return ConversionError(f"{self._field('num_hidden_layers')}, but the checkpoint has {source} (layer {numbers[0]})")
+        if len(numbers) > 1 and ".experts." in name and numbers[1] >= self.config.num_experts:
+            return ConversionError(f"{self._field('num_experts')}, but the checkpoint has {source} (expert {numbers[1]})")
+        return ConversionError(f"{source} maps to {name}, which the model described by {self.config_source} does not have")
+
+    def _shape_error(self, name: str, shape: tuple[int, ...], source: str) -> ConversionError:
+        expected = self.expected[name]
+        fields = next((f for suffix, f in SHAPE_FIELDS if name.endswith(suffix)), ())
+        for dim, (got, want) in enumerate(zip(shape, expected)):
+            field = fields[dim] if dim < len(fields) else None
+            if got != want and field is not None:
+                what = "rows" if dim == 0 else "columns" if dim == 1 else f"entries along dim {dim}"
+                return ConversionError(
+                    f"{self._field(field)}, but {source} has {got} {what} (expected {want}; "
+                    f"shape {list(shape)} vs {list(expected)} for {name}): fix {self.config_fields.get(field, field)}"
+                )
+        return ConversionError(f"{source} has shape {list(shape)} but {self.config_source} implies {list(expected)} for {name}")
+
+    def _check_values(self, name: str, source: torch.Tensor, out: torch.Tensor) -> None:
+        if not out.is_floating_point() or out.numel() == 0 or out.device.type == "meta":
+            return
+        if bool(torch.isfinite(out).all()):
+            return
+        if bool(torch.isfinite(source).all()):
+            self.overflow.append(name)  # finite before the cast: the values exceed the output dtype's range
+        else:
+            self.non_finite.append(name)
+
     def _emit(self, name: str, tensor: torch.Tensor, source: str) -> tuple[str, torch.Tensor]:
         if name not in self.expected:
-            raise ConversionError(
-                f"{source} maps to {name}, which the model described by config.json does not have "
-                "(the config contradicts the tensors: check num_hidden_layers / moe_num_experts)"
-            )
+            raise self._unknown_target(name, source)
         if tuple(tensor.shape) != self.expected[name]:
-            raise ConversionError(
-                f"{source} has shape {tuple(tensor.shape)} but config.json implies {self.expected[name]} for {name}"
-            )
+            raise self._shape_error(name, tuple(tensor.shape), source)
         self.produced.add(name)
-        if self.dtype is not None:
-            tensor = tensor.to(self.dtype)
-        return name, tensor
+        out = tensor.to(self.dtype) if self.dtype is not None else tensor
+        self._check_values(name, tensor, out)
+        return name, out
 
     def add(self, key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield the native tensors that ``key`` completes."""
@@ -153,6 +245,7 @@ class NativeStateBuilder:
         if missing:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             raise ConversionError(f"{len(missing)} weight(s) missing from the checkpoint: {shown}")
+        self._report_values()
         if self.lm_head_digest is not None and self.embedding_digest is not None:
             if self.lm_head_digest != self.embedding_digest:
                 raise ConversionError(
@@ -160,3 +253,20 @@ class NativeStateBuilder:
                     "(tie_word_embeddings true); set tie_word_embeddings to false in config.json if the checkpoint is untied"
                 )
 
+    def _report_values(self) -> None:
+        problems = []
+        if self.non_finite:
+            problems.append(f"{len(self.non_finite)} tensor(s) hold NaN or Inf: {_names(self.non_finite)}")
+        if self.overflow:
+            problems.append(
+                f"{len(self.overflow)} tensor(s) hold values beyond {self.dtype} and became Inf: {_names(self.overflow)} "
+                "(convert with --dtype bfloat16 or float32)"
+            )
+        for problem in problems:
+            warnings.warn(problem, ConversionWarning, stacklevel=2)
+            if self.notes is not None:
+                self.notes.append("WARNING: " + problem)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")

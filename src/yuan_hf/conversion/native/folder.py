@@ -18,7 +18,7 @@ import torch
 
 from ...modeling import YuanM32Config, YuanM32ForCausalLM
 from ..common import ConversionError
-from .output import ShardedSafetensorsWriter, atomic_output_dir
+from .output import PROVENANCE_FILE, ShardedSafetensorsWriter, atomic_output_dir
 
 __all__ = ["ConversionSummary", "DTYPES", "add_tokenizer", "resolve_dtype", "verify_folder", "write_converted", "write_native_folder"]
 
@@ -94,7 +94,7 @@ def write_native_folder(
     config.save_pretrained(tmp)  # also copies the configuration file and adds AutoConfig to auto_map
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
     if provenance is not None:
-        (tmp / "conversion.json").write_text(json.dumps(dict(provenance), indent=2, default=str) + "\n")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(dict(provenance), indent=2, default=str) + "\n")
     return writer
 
 
@@ -107,11 +107,20 @@ def write_converted(
     overwrite: bool,
     started: float,
     notes: list[str],
+    sources: Iterable[str | os.PathLike] = (),
+    verify: bool = False,
     **folder_options,
 ) -> ConversionSummary:
-    """The tail every converter shares: write the native folder atomically and summarise it."""
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    """The tail every converter shares: write the native folder atomically, optionally verify it, summarise it.
+
+    ``sources`` are the folders the conversion reads: ``dst`` may not be, contain or lie inside one.
+    With ``verify`` the folder is reloaded and run *before* it is moved into place, so a failed check
+    leaves nothing at ``dst``.
+    """
+    with atomic_output_dir(dst, overwrite=overwrite, sources=sources) as tmp:
         writer = write_native_folder(tmp, config, tensors, **folder_options)
+        if verify:
+            notes.append(verify_folder(tmp, name=Path(dst)))
     return ConversionSummary(
         destination=Path(dst),
         num_parameters=writer.num_parameters,
@@ -121,7 +130,6 @@ def write_converted(
         seconds=time.perf_counter() - started,
         notes=notes,
     )
-
 
 
 @dataclass
@@ -145,8 +153,11 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
-def verify_folder(folder: str | os.PathLike, *, tokens: int = 8) -> str:
-    """Reload a converted folder with the Auto classes and run a short forward; return a one-line report."""
+def verify_folder(folder: str | os.PathLike, *, tokens: int = 8, name: str | os.PathLike | None = None) -> str:
+    """Reload a converted folder with the Auto classes and run a short forward; return a one-line report.
+
+    ``name`` is how errors call the folder (the destination, while ``folder`` is still its temporary copy).
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -154,7 +165,9 @@ def verify_folder(folder: str | os.PathLike, *, tokens: int = 8) -> str:
     with torch.no_grad():
         logits = model(ids).logits.float()
     if not torch.isfinite(logits).all():
-        raise ConversionError(f"verification failed: {folder} produced non-finite logits")
+        raise ConversionError(
+            f"verification failed: {name or folder} produced non-finite logits (the weights hold NaN/Inf or overflow the dtype; see the warnings above); nothing was written"
+        )
     return f"verified: reloaded and ran a {tokens}-token forward (logits finite, std {logits.std():.3f})"
 
 

@@ -263,7 +263,7 @@ def write_megatron_checkpoint(
             torch.save(payload, path)
 
     root = Path(dst)
-    with atomic_output_dir(root, overwrite=overwrite) as tmp:
+    with atomic_output_dir(root, overwrite=overwrite, replaceable=lambda folder: (folder / TRACKER_FILE).is_file()) as tmp:
         for stage in range(dims.pp):
             write_stage(tmp / f"iter_{iteration:07d}", stage)
         check_all_used(present - optional, consumed, where="the IEIT state dict given to write_megatron_checkpoint")
