@@ -167,6 +167,7 @@ def check_qlora(workdir: Path) -> str:
     from .modeling import YuanM32ForCausalLM
 
     try:
+        from .finetune import quantization  # noqa: F401  (demotes bitsandbytes' optional-kernel notice first)
         import bitsandbytes as bnb
     except Exception as error:  # noqa: BLE001 - any import failure means: not usable here
         raise Skip(f"bitsandbytes does not import here ({type(error).__name__}: {error})") from None
