@@ -5,7 +5,7 @@ Importing the package registers ``model_type="yuan_m32"`` with ``AutoConfig``, `
 ``yuan-hf doctor``.
 """
 
-from .modeling import YuanM32Config, YuanM32ForCausalLM, YuanM32Model, YuanM32PreTrainedModel
+from .modeling import YuanM32Config, YuanM32ForCausalLM, YuanM32Model, YuanM32PreTrainedModel, YuanM32QuantizedCache
 from .registration import register
 from .support import warn_if_untested
 
@@ -14,4 +14,4 @@ __version__ = "0.1.0"
 register()
 warn_if_untested()
 
-__all__ = ["YuanM32Config", "YuanM32ForCausalLM", "YuanM32Model", "YuanM32PreTrainedModel", "register"]
+__all__ = ["YuanM32Config", "YuanM32ForCausalLM", "YuanM32Model", "YuanM32PreTrainedModel", "YuanM32QuantizedCache", "register"]

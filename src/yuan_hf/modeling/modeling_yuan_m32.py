@@ -30,8 +30,17 @@ from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .cache_yuan_m32 import YuanM32QuantizedCache
 from .configuration_yuan_m32 import YuanM32Config
-from .transformers_compat import CACHE_FIELD, cache_kwargs, check_cache, check_kwargs, resolve_cache
+from .transformers_compat import (
+    CACHE_FIELD,
+    cache_capacity,
+    cache_kwargs,
+    check_cache,
+    check_kwargs,
+    grouped_mm,
+    resolve_cache,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -351,30 +360,147 @@ class YuanM32MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm")
+
+
 class YuanM32Experts(nn.ModuleList):
-    """Per-expert `nn.Linear`s (so bitsandbytes quantizes them and PEFT targets them by name) with a
-    sort-based dispatch: one sort of the token-expert pairs, one host sync per layer for the group sizes,
-    contiguous slices per expert, one weighted scatter-add back. No one-hot masks, no sync per expert."""
+    """Per-expert `nn.Linear`s (so bitsandbytes quantizes them and PEFT targets them by name), dispatched by
+    `config._experts_implementation` (transformers' `experts_implementation` option):
+
+    - `"eager"` (default): sort-based. One sort of the token-expert pairs, one host sync per layer for the group
+      sizes, contiguous slices per expert, one weighted scatter-add back; a single token (batch-1 decode) calls
+      its k experts directly. Under `torch.compile` / `torch.export`, which cannot follow a host sync, every
+      expert runs on every token with zero weight where not routed (exact, E/k times the expert FLOPs).
+    - `"grouped_mm"`: sync-free, for inference. Expert weights are fused into `[E, 2F, H]` / `[E, H, F]` tensors
+      once (the per-expert weights become views into them: no extra memory) and each projection is one grouped
+      GEMM over the expert-sorted tokens (`torch.nn.functional.grouped_mm`; transformers' opaque fallback op
+      where the kernel cannot be compiled). Compiles with `fullgraph=True`, exports with `torch.export`, captures
+      in CUDA graphs. With gradients on it defers to the eager path, so training and PEFT are unaffected.
+    """
 
     def __init__(self, config: YuanM32Config):
         super().__init__([YuanM32MLP(config) for _ in range(config.num_experts)])
+        self.config = config
+        self.num_experts = config.num_experts
+        # the fused weights of the grouped_mm path (not saved: the checkpoint keeps per-expert tensors)
+        self.register_buffer("fused_gate_up", None, persistent=False)  # [E, 2F, H]: gate rows, then up rows
+        self.register_buffer("fused_down", None, persistent=False)  # [E, H, F]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """hidden_states: [T, H]; top_k_index, top_k_weights: [T, k] -> [T, H]."""
+        compiling = torch.compiler.is_compiling()
+        if self.config._experts_implementation == "grouped_mm" and not self._needs_gradients():
+            if not compiling:  # host-side checks; a compiled graph guards on the modules it traced
+                self.fuse()
+            elif self.fused_gate_up is None:
+                raise RuntimeError(
+                    "experts_implementation='grouped_mm' fuses the expert weights before its first compiled call: "
+                    "run one eager forward, or call model.set_experts_implementation('grouped_mm'), before compiling"
+                )
+            return self._grouped_forward(hidden_states, top_k_index, top_k_weights)
+        if compiling:
+            return self._dense_forward(hidden_states, top_k_index, top_k_weights)
+        return self._sorted_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _needs_gradients(self) -> bool:
+        return torch.is_grad_enabled() and self[0].down_proj.weight.requires_grad
+
+    def _sorted_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         top_k = top_k_index.shape[-1]
+        # with gradients on, every expert runs (empty slices included) so DDP/FSDP see all parameters used
+        run_all = torch.is_grad_enabled()
+        if hidden_states.shape[0] == 1 and not run_all:
+            # one token: call its k experts directly (no sort, gather or scatter); the same one host sync
+            weights = top_k_weights.to(hidden_states.dtype)
+            experts = top_k_index[0].tolist()
+            out = self[experts[0]](hidden_states) * weights[:, :1]
+            for j in range(1, top_k):
+                out = out + self[experts[j]](hidden_states) * weights[:, j : j + 1]
+            return out
         flat_experts = top_k_index.reshape(-1)  # [T*k]
         order = torch.argsort(flat_experts, stable=True)  # token-expert pairs grouped by expert
         token_idx = order // top_k
         group_sizes = torch.bincount(flat_experts, minlength=len(self)).tolist()  # the one host sync
         routed = hidden_states[token_idx].split(group_sizes)  # E slices of [n_e, H]
-        # with gradients on, every expert runs (empty slices included) so DDP/FSDP see all parameters used
-        run_all = torch.is_grad_enabled()
         outputs = [expert(x) for expert, x, n in zip(self, routed, group_sizes) if n or run_all]
         expert_out = torch.cat(outputs) if outputs else hidden_states.new_zeros(0, hidden_states.shape[-1])
         expert_out = expert_out * top_k_weights.reshape(-1)[order, None].to(expert_out.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_idx, expert_out.to(hidden_states.dtype))
+
+    def _dense_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # [T, E] routing weights, zero where a token is not routed: no data-dependent shapes
+        dense_weights = torch.zeros(
+            hidden_states.shape[0], len(self), dtype=hidden_states.dtype, device=hidden_states.device
+        ).scatter(1, top_k_index, top_k_weights.to(hidden_states.dtype))
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            out = out + expert(hidden_states) * dense_weights[:, e, None]
+        return out
+
+    def _grouped_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        flat_experts = top_k_index.reshape(-1)  # [S = T*k]
+        sorted_experts, order = torch.sort(flat_experts, stable=True)
+        routed = hidden_states[order // top_k]  # [S, H], grouped by expert
+        # group ends from a histogram (bincount's output size depends on the data under compile; histc's does not)
+        counts = torch.histc(sorted_experts.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offsets = torch.cumsum(counts, dim=0).to(torch.int32)  # [E]
+        gate, up = grouped_mm(routed, self.fused_gate_up.transpose(1, 2), offsets).chunk(2, dim=-1)  # [S, F] each
+        expert_out = grouped_mm(self[0].act_fn(gate) * up, self.fused_down.transpose(1, 2), offsets)  # [S, H]
+        expert_out = expert_out * top_k_weights.reshape(-1)[order, None].to(expert_out.dtype)
+        # back to token order, then each token's k contributions summed (deterministic, unlike index_add_ on CUDA)
+        unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
+        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Stack the expert weights into `fused_gate_up` [E, 2F, H] and `fused_down` [E, H, F] and make each
+        expert's weights views into them (no memory beyond one layer's experts during the copy). Idempotent;
+        refuses experts that are not plain float `nn.Linear`s (bitsandbytes-quantized, PEFT-wrapped)."""
+        for e, expert in enumerate(self):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                linear = getattr(expert, name)
+                if type(linear) is not nn.Linear or type(linear.weight) is not nn.Parameter:
+                    raise ValueError(
+                        f"experts_implementation='grouped_mm' runs on fused plain expert weights, but expert {e}'s "
+                        f"{name} is a {type(linear).__module__}.{type(linear).__name__} with a "
+                        f"{type(linear.weight).__name__} weight (bitsandbytes-quantized, or wrapped by a PEFT adapter). "
+                        "Use experts_implementation='eager' (the default) with quantized or adapted models, or merge "
+                        "the adapters first (model = model.merge_and_unload())."
+                    )
+        first = self[0].gate_proj.weight
+        if self.fused_gate_up is not None and self.fused_gate_up.data_ptr() == first.data_ptr():
+            return  # already fused, and the weights were not replaced since (loading, .to(), assignment)
+        if first.device.type == "meta":
+            raise RuntimeError("Cannot fuse expert weights on the meta device: load the weights first")
+        ffn = first.shape[0]
+        gate_up = first.new_empty(len(self), 2 * ffn, first.shape[1])
+        down = first.new_empty(len(self), *self[0].down_proj.weight.shape)
+        self.fused_gate_up = self.fused_down = None  # release stale fused copies before filling the new ones
+        for e, expert in enumerate(self):
+            targets = ((expert.gate_proj, gate_up[e, :ffn]), (expert.up_proj, gate_up[e, ffn:]), (expert.down_proj, down[e]))
+            for linear, target in targets:
+                target.copy_(linear.weight)
+                linear.weight = nn.Parameter(target, requires_grad=linear.weight.requires_grad)
+        self.fused_gate_up, self.fused_down = gate_up, down
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .half() / .cuda() convert each weight on its own: the fused buffers are left out of the
+        # conversion (no second copy) and dropped if the weights moved; the next grouped_mm forward fuses again
+        fused = (self.fused_gate_up, self.fused_down)
+        self.fused_gate_up = self.fused_down = None
+        result = super()._apply(fn, recurse)
+        if fused[0] is not None and self[0].gate_proj.weight.data_ptr() == fused[0].data_ptr():
+            self.fused_gate_up, self.fused_down = fused  # a conversion that changed nothing (same device, dtype)
+        return result
 
 
 class YuanM32SparseMoeBlock(nn.Module):
@@ -441,7 +567,8 @@ class YuanM32PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the MoE dispatch syncs once per layer for the group sizes
+    # compiles and exports with fullgraph=True (experts without host syncs under compile: see YuanM32Experts)
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(YuanM32Router, index=0),
         "hidden_states": YuanM32DecoderLayer,
@@ -470,7 +597,38 @@ class YuanM32PreTrainedModel(PreTrainedModel):
                         "once with `pip install yuan-hf` and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` "
                         "first, which converts it on the fly."
                     )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model._fuse_experts_if_requested()
+        return model
+
+    # Experts implementations (transformers' `experts_implementation` option, see YuanM32Experts). transformers
+    # would default a model that can set it to "grouped_mm"; Yuan defaults to "eager", which bitsandbytes, PEFT
+    # and training need, and has no "batched_mm" (measured slower: benchmarks/README.md).
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        implementation = "eager" if requested_experts is None else requested_experts
+        if implementation not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(
+                f"{type(self).__name__} supports experts_implementation {' or '.join(map(repr, EXPERTS_IMPLEMENTATIONS))} "
+                f"('eager': per-expert Linears, for training, PEFT and bitsandbytes; 'grouped_mm': fused, sync-free, "
+                f"compilable inference), got {implementation!r}"
+            )
+        return implementation
+
+    def set_experts_implementation(self, experts_implementation: str | dict):
+        """transformers' switch, plus: "grouped_mm" fuses the expert weights now (so the next call can be compiled);
+        a bitsandbytes-quantized or PEFT-adapted model is refused there with the path to use instead."""
+        super().set_experts_implementation(experts_implementation)
+        self._fuse_experts_if_requested()
+
+    def _fuse_experts_if_requested(self) -> None:
+        if self.config._experts_implementation == "grouped_mm":
+            for module in self.modules():
+                if isinstance(module, YuanM32Experts):
+                    module.fuse()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -550,7 +708,7 @@ class YuanM32Model(YuanM32PreTrainedModel):
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
         check_input_shapes(attention_mask, position_ids, batch_size, seq_len)
-        self._warn_if_beyond_trained_length(past_seen_tokens + seq_len)
+        self._warn_if_beyond_trained_length(past_seen_tokens, seq_len, cache)
 
         if isinstance(attention_mask, dict):  # prepared by generate (static cache): one mask per kind of layer
             causal_mask = attention_mask["full_attention"]
@@ -586,15 +744,26 @@ class YuanM32Model(YuanM32PreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwargs(cache))
 
-    def _warn_if_beyond_trained_length(self, length: int) -> None:
-        """One warning when a sequence passes max_position_embeddings (host-side lengths only: no device sync).
+    def _warn_if_beyond_trained_length(
+        self, past_seen_tokens: int | torch.Tensor, seq_len: int, cache: Cache | None
+    ) -> None:
+        """One warning when a sequence can pass max_position_embeddings, from host-side lengths only.
 
-        RoPE is computed per position, so longer inputs run; dynamic NTK scaling is meant to run past it.
+        A static cache counts its tokens in a device tensor (reading it would sync every decode step and break
+        compiled graphs), so there its capacity (`max_cache_len`, a host int) is compared instead, already at
+        prefill. RoPE is computed per position, so longer inputs run; dynamic NTK scaling is meant to run past it.
         """
+        if getattr(self, "_warned_long", False) or self.rotary_emb.rope_type == "dynamic":
+            return
+        capacity = cache_capacity(cache)  # -1: grows without bound (dynamic)
+        if capacity > 0 or isinstance(past_seen_tokens, torch.Tensor):
+            length, what = capacity, "cache holding up to"
+        else:
+            length, what = past_seen_tokens + seq_len, "sequence of"
         limit = self.config.max_position_embeddings
-        if length > limit and self.rotary_emb.rope_type != "dynamic" and not getattr(self, "_warned_long", False):
+        if length > limit:
             logger.warning(
-                f"Yuan 2.0-M32: a sequence of {length} tokens exceeds max_position_embeddings ({limit}); RoPE is "
+                f"Yuan 2.0-M32: a {what} {length} tokens exceeds max_position_embeddings ({limit}); RoPE is "
                 "computed for it, but quality beyond the trained length is not guaranteed "
                 "(see yuan_hf.finetune.extend_context)."
             )
@@ -651,6 +820,23 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, where `cache_implementation="quantized"` works for Yuan's hybrid layers.
+
+        transformers' `QuantizedCache` refuses hybrid layers; here the same option (with the same `cache_config`
+        keys: `backend` "quanto" or "hqq", `nbits`, `q_group_size`, `residual_length`, `axis_key`, `axis_value`)
+        builds a `YuanM32QuantizedCache`: K/V quantized, the LF-gate conv state in full precision.
+        """
+        generation_config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        implementation = kwargs.get("cache_implementation", getattr(generation_config or self.generation_config, "cache_implementation", None))
+        if implementation == "quantized" and kwargs.get(CACHE_FIELD) is None:
+            cache_config = kwargs.pop("cache_config", None)
+            if cache_config is None:
+                cache_config = getattr(generation_config or self.generation_config, "cache_config", None)
+            kwargs[CACHE_FIELD] = YuanM32QuantizedCache(self.config, **dict(cache_config or {}))
+            kwargs["cache_implementation"] = None  # the cache is given; generate must not build another
+        return super().generate(*args, **kwargs)
 
     @can_return_tuple
     def forward(
