@@ -26,3 +26,17 @@ def fixtures_dir() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# Markers that transformers' common tests (tests/test_transformers_common.py) put on their tests; registered so
+# importing them does not warn. A later release may add one: it then only warns.
+TRANSFORMERS_MARKERS = (
+    "accelerate_tests", "all_flash_attn_test", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+    "generate", "is_pipeline_test", "is_training_test", "is_tensor_parallel_test", "is_expert_parallel_test",
+    "is_fsdp_test", "torch_compile_test", "bitsandbytes",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    for name in TRANSFORMERS_MARKERS:
+        config.addinivalue_line("markers", f"{name}: a marker of transformers' common tests")
