@@ -147,10 +147,8 @@ else:
             # that get labels from transformers' static name tables, which list in-tree models only; an in-tree
             # Yuan would be there, so it is put there for the duration of this class.
             super().setUpClass()
-            cls._in_tree_names = [
-                mock.patch.dict(table, {"yuan_m32": name})
-                for table, name in ((MODEL_MAPPING_NAMES, "YuanM32Model"), (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "YuanM32ForCausalLM"))
-            ]
+            tables = ((MODEL_MAPPING_NAMES, "YuanM32Model"), (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "YuanM32ForCausalLM"))
+            cls._in_tree_names = [mock.patch.dict(table, {"yuan_m32": name}) for table, name in tables]
             for patch in cls._in_tree_names:
                 patch.start()
 

@@ -113,6 +113,20 @@ class MissingGenerationTesterMixin:
         )
 
 
+class MissingPipelineTesterMixin:
+    """Stands in for `PipelineTesterMixin` where its module imports files the sdist lacks (5.17 imports the
+    `tests/pipelines/` test classes eagerly; later releases resolve them lazily)."""
+
+    missing = ""
+
+    def test_pipeline_tester_mixin_available(self):
+        pytest.skip(
+            f"test_pipeline_mixin.py of transformers {VERSION} needs {self.missing}, which its sdist lacks: set "
+            "YUAN_HF_TRANSFORMERS_TESTS to the tests/ folder of a transformers checkout at that version to run "
+            "PipelineTesterMixin (test_text_generation_pipeline covers Yuan's text-generation pipeline meanwhile)"
+        )
+
+
 def _package(name: str, path: Path | None) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__path__ = [str(path)] if path is not None else []
@@ -135,6 +149,13 @@ def _import_pipeline_mixin(root: Path) -> types.ModuleType:
         os.environ["TRANSFORMERS_TINY_MODEL_PATH"] = str(summary_root)
     try:
         return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith(PACKAGE + "."):
+            raise
+        sys.modules.pop(name, None)
+        missing = err.name.removeprefix(PACKAGE + ".").replace(".", "/")
+        stand_in = type("PipelineTesterMixin", (MissingPipelineTesterMixin,), {"missing": f"tests/{missing}"})
+        return types.SimpleNamespace(PipelineTesterMixin=stand_in)
     finally:
         # the module imports the transformers source next to tests/ as `transformers`; keep the installed one
         sys.modules["transformers"] = installed
@@ -163,7 +184,15 @@ def _load(root: Path) -> types.SimpleNamespace:
             module = types.ModuleType(f"{PACKAGE}.{dotted}")
             module.__dict__.update(attributes)
             sys.modules[module.__name__] = module
-    common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
+    try:
+        common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith(PACKAGE + "."):
+            raise
+        raise SuiteUnavailable(
+            f"test_modeling_common.py of transformers {VERSION} imports {err.name.removeprefix(PACKAGE + '.')}, which "
+            "is not in its sdist: set YUAN_HF_TRANSFORMERS_TESTS to the tests/ folder of a transformers checkout"
+        ) from err
     generation = importlib.import_module(f"{PACKAGE}.generation.test_utils")
     pipeline = _import_pipeline_mixin(root)
     return types.SimpleNamespace(
