@@ -40,3 +40,12 @@ TRANSFORMERS_MARKERS = (
 def pytest_configure(config):
     for name in TRANSFORMERS_MARKERS:
         config.addinivalue_line("markers", f"{name}: a marker of transformers' common tests")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny matmuls on a shared 2-core CI machine run about 10x slower on two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
