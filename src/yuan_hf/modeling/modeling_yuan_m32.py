@@ -312,17 +312,24 @@ class YuanM32Router(nn.Module):
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
+def router_dtype() -> torch.dtype:
+    """The router's parameter dtype at construction: fp32 under a 16-bit default dtype (from_config / __init__ under
+    dtype=bf16 too, as in-tree models with `_keep_in_fp32_modules_strict` do), the default otherwise (an fp64 model
+    keeps an fp64 router, as from_pretrained(dtype=float64) loads it)."""
+    default = torch.get_default_dtype()
+    return torch.float32 if torch.finfo(default).bits < 32 else default
+
+
 class YuanM32AttentionRouter(YuanM32Router):
     """Yuan's attention router, in fp32: three H -> E projections, then per token an E x E attention
     `A = softmax_j(q_i * k_j)` (no scaling) and `logits_i = sum_j A_ij v_j`."""
 
     def __init__(self, config: YuanM32Config):
         super().__init__(config)
-        # fp32 whatever the default dtype (from_config / __init__ under dtype=bf16 too), as in-tree models with
-        # `_keep_in_fp32_modules_strict` do; from_pretrained keeps it fp32 through that list
-        self.query = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
-        self.key = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
-        self.value = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
+        dtype = router_dtype()  # from_pretrained also keeps it fp32 through `_keep_in_fp32_modules_strict`
+        self.query = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
+        self.key = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
+        self.value = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states.to(self.query.weight.dtype)  # fp32 unless the whole model was cast
@@ -338,7 +345,7 @@ class YuanM32LinearRouter(YuanM32Router):
 
     def __init__(self, config: YuanM32Config):
         super().__init__(config)
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=router_dtype()))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states.to(self.weight.dtype), self.weight).float()
@@ -481,8 +488,9 @@ class YuanM32PreTrainedModel(PreTrainedModel):
                 if model_type == "yuan":
                     raise ValueError(
                         f"{pretrained_model_name_or_path} is IEIT's original HF layout (model_type 'yuan'). Convert it "
-                        "once with `pip install yuan-hf` and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` "
-                        "first, which converts it on the fly."
+                        "once with yuan-hf (install it from its repository: `pip install -e PATH/TO/yuan-hf`, not "
+                        "published on PyPI) and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` first, which "
+                        "converts it on the fly."
                     )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
