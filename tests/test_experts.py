@@ -28,6 +28,7 @@ from yuan_hf.experts import (
 )
 from yuan_hf.experts.plots import MISSING_MATPLOTLIB, write_plots
 from yuan_hf.finetune.toy import toy_tokenizer, write_jsonl
+from yuan_hf.hub import check_hub_folder
 from yuan_hf.testing import tiny_config, tiny_model
 
 from test_hub import logits_without_package
@@ -73,7 +74,8 @@ def test_aux_loss_is_mixtrals_with_one_count_and_per_count_groups_otherwise():
     mixed = tiny_model(num_hidden_layers=3, num_experts=[8, 4, 8])
     out = mixed(ids, attention_mask=mask, output_router_logits=True)
     r = out.router_logits
-    expected = 2 / 3 * load_balancing_loss_func((r[0], r[2]), 8, 2, mask) + 1 / 3 * load_balancing_loss_func((r[1],), 4, 2, mask)
+    expected = 2 / 3 * load_balancing_loss_func((r[0], r[2]), 8, 2, mask)
+    expected = expected + 1 / 3 * load_balancing_loss_func((r[1],), 4, 2, mask)
     torch.testing.assert_close(out.aux_loss, expected)
 
 
@@ -199,6 +201,7 @@ def test_pruning_never_chosen_experts_keeps_the_outputs(tmp_path):
     provenance = json.loads((tmp_path / "pruned" / "conversion.json").read_text())
     assert provenance["operation"] == "prune" and provenance["kept_experts"] == pruned.config.router_experts
     assert (tmp_path / "pruned" / "tokenizer.json").is_file()
+    check_hub_folder(tmp_path / "pruned")  # what `yuan-hf push` checks: weights are those config.json describes
 
 
 def test_prune_plans(tmp_path):

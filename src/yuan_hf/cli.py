@@ -175,7 +175,8 @@ def _run_experts(args: argparse.Namespace) -> int:
     if args.tool == "prune":
         print(prune_folder(
             args.model, args.dst, stats=args.stats, keep_mass=args.keep_mass, num_experts=args.num_experts,
-            max_params=args.max_params, overwrite=args.overwrite, verify=args.verify, max_shard_size=args.max_shard_size,
+            max_params=args.max_params, overwrite=args.overwrite, verify=args.verify,
+            max_shard_size=args.max_shard_size,
         ))  # fmt: skip
         return 0
     if args.tool == "place":

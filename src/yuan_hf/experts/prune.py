@@ -242,7 +242,9 @@ def open_native_folder(path: str | os.PathLike) -> tuple[Path, YuanM32Config, di
     return folder, config, files
 
 
-def iter_rewritten_tensors(files: dict[str, Path], kept: list[list[int]], *, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_rewritten_tensors(
+    files: dict[str, Path], kept: list[list[int]], *, progress: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The source tensors, file by file, with expert `kept[l][j]` of layer l renamed to expert j and the other
     experts left out. Everything else (the router included) passes through unchanged."""
     from safetensors import safe_open
@@ -340,9 +342,9 @@ def rewrite_experts(
             except ConversionError as err:
                 raise ExpertsError(str(err)) from err
     return RewriteSummary(
-        destination=Path(dst), parameters_before=count_parameters(config), parameters_after=count_parameters(new_config),
-        experts_before=config.experts_per_layer, experts_after=new_config.experts_per_layer, notes=notes,
-        seconds=time.perf_counter() - started,
+        destination=Path(dst), parameters_before=count_parameters(config),
+        parameters_after=count_parameters(new_config), experts_before=config.experts_per_layer,
+        experts_after=new_config.experts_per_layer, notes=notes, seconds=time.perf_counter() - started,
     )  # fmt: skip
 
 

@@ -188,7 +188,8 @@ def iter_documents(path: str | os.PathLike, tokenizer: Any) -> Iterator[list[int
                         ids = encode_record(record, tokenizer)["input_ids"]
                 except ValueError as err:  # JSON errors and the SFT encoders' record errors
                     raise ExpertsError(
-                        f"{path}, line {number}: {err} (expected {{'text'}}, {{'prompt', 'response'}} or {{'messages'}})"
+                        f"{path}, line {number}: {err} (expected {{'text'}}, {{'prompt', 'response'}} or "
+                        "{'messages'})"
                     ) from err
             if ids:
                 yield ids
@@ -331,7 +332,8 @@ def expert_stats_main(
     if load_in_4bit:  # QLoRA's nf4 settings: router, LF gate and lm_head stay unquantized
         from ..finetune.quantization import bnb_config
 
-        kwargs["quantization_config"] = bnb_config(bits=4, compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        kwargs["quantization_config"] = bnb_config(bits=4, compute_dtype=compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).eval()
     tok = AutoTokenizer.from_pretrained(tokenizer or model_path)
     stats = collect_expert_stats(
