@@ -12,6 +12,7 @@ the router is an *attention router*: an E x E attention over the expert axis, in
 import json
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ from .transformers_compat import (
     check_kwargs,
     grouped_mm,
     resolve_cache,
+    warn_old_cache_name,
 )
 
 logger = logging.get_logger(__name__)
@@ -292,11 +294,18 @@ class YuanM32Attention(nn.Module):
 
 
 class YuanM32Router(nn.Module):
-    """Shared top-k routing: `softmax(logits) -> top-k -> renormalise` (= Megatron's top-k then softmax)."""
+    """Shared top-k routing: `softmax(logits) -> top-k -> renormalise` (= Megatron's top-k then softmax).
 
-    def __init__(self, config: YuanM32Config):
+    A pruned layer keeps its router whole (`router_width` outputs) and routes among the remaining experts' logits
+    (`expert_ids`, from `config.router_experts`): the top-k among them, renormalised, is what the unpruned model
+    computes whenever its top-k holds no removed expert.
+    """
+
+    def __init__(self, config: YuanM32Config, layer_idx: int):
         super().__init__()
-        self.num_experts = config.num_experts
+        self.num_experts = config.experts_per_layer[layer_idx]
+        self.router_width = config.router_num_experts or self.num_experts
+        self.expert_ids = None if config.router_experts is None else config.router_experts[layer_idx]
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
 
@@ -305,7 +314,9 @@ class YuanM32Router(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden_states: [T, H] -> router_logits [T, E] fp32, weights [T, k] (hidden dtype), expert ids [T, k]."""
-        router_logits = self.compute_logits(hidden_states)
+        router_logits = self.compute_logits(hidden_states)  # [T, router_width]
+        if self.expert_ids is not None:  # [T, router_width] -> [T, E]: the logits of this layer's experts
+            router_logits = router_logits[:, torch.as_tensor(self.expert_ids, device=router_logits.device)]
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -313,15 +324,24 @@ class YuanM32Router(nn.Module):
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
+def router_dtype() -> torch.dtype:
+    """The router's parameter dtype at construction: fp32 under a 16-bit default dtype (from_config / __init__ under
+    dtype=bf16 too, as in-tree models with `_keep_in_fp32_modules_strict` do), the default otherwise (an fp64 model
+    keeps an fp64 router, as from_pretrained(dtype=float64) loads it)."""
+    default = torch.get_default_dtype()
+    return torch.float32 if torch.finfo(default).bits < 32 else default
+
+
 class YuanM32AttentionRouter(YuanM32Router):
     """Yuan's attention router, in fp32: three H -> E projections, then per token an E x E attention
     `A = softmax_j(q_i * k_j)` (no scaling) and `logits_i = sum_j A_ij v_j`."""
 
-    def __init__(self, config: YuanM32Config):
-        super().__init__(config)
-        self.query = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.key = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.value = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+    def __init__(self, config: YuanM32Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        dtype = router_dtype()  # from_pretrained also keeps it fp32 through `_keep_in_fp32_modules_strict`
+        self.query = nn.Linear(config.hidden_size, self.router_width, bias=False, dtype=dtype)
+        self.key = nn.Linear(config.hidden_size, self.router_width, bias=False, dtype=dtype)
+        self.value = nn.Linear(config.hidden_size, self.router_width, bias=False, dtype=dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states.to(self.query.weight.dtype)  # fp32 unless the whole model was cast
@@ -335,9 +355,9 @@ class YuanM32AttentionRouter(YuanM32Router):
 class YuanM32LinearRouter(YuanM32Router):
     """The classic softmax gate (`router_type="linear"`), for ablations and other checkpoints."""
 
-    def __init__(self, config: YuanM32Config):
-        super().__init__(config)
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+    def __init__(self, config: YuanM32Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.weight = nn.Parameter(torch.empty(self.router_width, config.hidden_size, dtype=router_dtype()))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states.to(self.weight.dtype), self.weight).float()
@@ -378,10 +398,10 @@ class YuanM32Experts(nn.ModuleList):
       in CUDA graphs. With gradients on it defers to the eager path, so training and PEFT are unaffected.
     """
 
-    def __init__(self, config: YuanM32Config):
-        super().__init__([YuanM32MLP(config) for _ in range(config.num_experts)])
+    def __init__(self, config: YuanM32Config, num_experts: int):
+        super().__init__([YuanM32MLP(config) for _ in range(num_experts)])
         self.config = config
-        self.num_experts = config.num_experts
+        self.num_experts = num_experts
         # the fused weights of the grouped_mm path (not saved: the checkpoint keeps per-expert tensors)
         self.register_buffer("fused_gate_up", None, persistent=False)  # [E, 2F, H]: gate rows, then up rows
         self.register_buffer("fused_down", None, persistent=False)  # [E, H, F]
@@ -504,12 +524,13 @@ class YuanM32Experts(nn.ModuleList):
 
 
 class YuanM32SparseMoeBlock(nn.Module):
-    """Router + experts, top-2 of 32, no shared expert, no capacity limit."""
+    """Router + experts, top-2 of 32, no shared expert, no capacity limit. A pruned model has fewer experts in
+    some layers (`config.num_experts` per layer): router and experts take this layer's count."""
 
-    def __init__(self, config: YuanM32Config):
+    def __init__(self, config: YuanM32Config, layer_idx: int):
         super().__init__()
-        self.gate = ROUTER_CLASSES[config.router_type](config)
-        self.experts = YuanM32Experts(config)
+        self.gate = ROUTER_CLASSES[config.router_type](config, layer_idx)
+        self.experts = YuanM32Experts(config, config.experts_per_layer[layer_idx])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
@@ -522,7 +543,7 @@ class YuanM32DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: YuanM32Config, layer_idx: int):
         super().__init__()
         self.self_attn = YuanM32Attention(config, layer_idx)
-        self.mlp = YuanM32SparseMoeBlock(config)
+        self.mlp = YuanM32SparseMoeBlock(config, layer_idx)
         self.input_layernorm = YuanM32RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = YuanM32RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -581,6 +602,10 @@ class YuanM32PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        path = pretrained_model_name_or_path
+        if not (isinstance(path, (str, os.PathLike)) and os.path.isdir(path)):
+            # a Hub id, or None with `config` + `state_dict`: no local layout to adapt or check
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         for adapter in cls._source_adapters:
             converted = adapter(pretrained_model_name_or_path, kwargs)
             if converted is not None:
@@ -594,8 +619,9 @@ class YuanM32PreTrainedModel(PreTrainedModel):
                 if model_type == "yuan":
                     raise ValueError(
                         f"{pretrained_model_name_or_path} is IEIT's original HF layout (model_type 'yuan'). Convert it "
-                        "once with `pip install yuan-hf` and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` "
-                        "first, which converts it on the fly."
+                        "once with yuan-hf (install it from its repository: `pip install -e PATH/TO/yuan-hf`, not "
+                        "published on PyPI) and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` first, which "
+                        "converts it on the fly."
                     )
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model._fuse_experts_if_requested()
@@ -689,6 +715,7 @@ class YuanM32Model(YuanM32PreTrainedModel):
         r"""cache: the decode state (K/V and the LF-gate conv state per layer); `past_key_values` is the same
         argument under its name before transformers 5.24. The returned output carries it under the installed
         release's name (`outputs.cache`, or `outputs.past_key_values`, which 5.24+ keep as an alias)."""
+        warn_old_cache_name(past_key_values, type(self).__name__ + ".forward")
         cache = resolve_cache(cache, past_key_values)
         check_kwargs(kwargs, type(self).__name__ + ".forward")
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -809,6 +836,22 @@ def chunked_causal_lm_loss(
     return total / num_items_in_batch
 
 
+def load_balancing_aux_loss(
+    router_logits: tuple[torch.Tensor, ...], config: YuanM32Config, padding_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Mixtral's load-balancing loss (router_logits: one [T, E_l] per layer). Mixtral pools all layers, which needs
+    one expert count; a pruned model's layers are pooled per count and the groups averaged, weighted by layers.
+    With one count everywhere this is exactly Mixtral's loss."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for logits, count in zip(router_logits, config.experts_per_layer):
+        groups.setdefault(count, []).append(logits)
+    return sum(
+        len(layers) / len(router_logits)
+        * load_balancing_loss_func(tuple(layers), count, config.num_experts_per_tok, padding_mask)
+        for count, layers in groups.items()
+    )
+
+
 class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -822,18 +865,34 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, where `cache_implementation="quantized"` works for Yuan's hybrid layers.
+        """`GenerationMixin.generate`, after refusing bos/eos/pad ids outside the vocabulary, and where
+        `cache_implementation="quantized"` works for Yuan's hybrid layers.
+
+        A config may carry such ids (the release's defaults with a smaller `vocab_size` only warn); generating
+        with them would never stop on eos or index past the embedding with pad. The ids are read from the public
+        arguments (`generation_config`, positional or keyword, else `self.generation_config`; `*_token_id`
+        keywords override it), not from a private hook of `generate`, whose signatures move between releases.
 
         transformers' `QuantizedCache` refuses hybrid layers; here the same option (with the same `cache_config`
         keys: `backend` "quanto" or "hqq", `nbits`, `q_group_size`, `residual_length`, `axis_key`, `axis_value`)
         builds a `YuanM32QuantizedCache`: K/V quantized, the LF-gate conv state in full precision.
         """
         generation_config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
-        implementation = kwargs.get("cache_implementation", getattr(generation_config or self.generation_config, "cache_implementation", None))
+        generation_config = generation_config if generation_config is not None else self.generation_config
+        names = ("bos_token_id", "eos_token_id", "pad_token_id")
+        ids = {name: kwargs.get(name, getattr(generation_config, name, None)) for name in names}
+        outside = self.config.special_tokens_outside_vocab(SimpleNamespace(**ids))
+        if outside:
+            found = ", ".join(f"{name}={token_id}" for name, token_id in outside.items())
+            raise ValueError(
+                f"generate: {found} outside the vocabulary (vocab_size {self.config.vocab_size}); set the ids of "
+                "your tokenizer in model.generation_config (or pass them to generate)"
+            )
+        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
         if implementation == "quantized" and kwargs.get(CACHE_FIELD) is None:
             cache_config = kwargs.pop("cache_config", None)
             if cache_config is None:
-                cache_config = getattr(generation_config or self.generation_config, "cache_config", None)
+                cache_config = getattr(generation_config, "cache_config", None)
             kwargs[CACHE_FIELD] = YuanM32QuantizedCache(self.config, **dict(cache_config or {}))
             kwargs["cache_implementation"] = None  # the cache is given; generate must not build another
         return super().generate(*args, **kwargs)
@@ -864,6 +923,7 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         returned and, when `router_aux_loss_coef > 0`, added to the loss. `cache` / `past_key_values`: see
         `YuanM32Model.forward`.
         """
+        warn_old_cache_name(past_key_values, type(self).__name__ + ".forward")
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -903,9 +963,7 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         aux_loss = None
         if output_router_logits:
             padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
-            aux_loss = load_balancing_loss_func(
-                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, padding_mask
-            )
+            aux_loss = load_balancing_aux_loss(outputs.router_logits, self.config, padding_mask)
             if labels is not None and self.config.router_aux_loss_coef > 0:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 

@@ -14,6 +14,7 @@ What moves, and where we read it:
 """
 
 import dataclasses
+import warnings
 
 import torch
 import transformers.integrations.moe as transformers_moe
@@ -56,6 +57,18 @@ def cache_capacity(cache: Cache | None) -> int:
     for layer in getattr(cache, "layers", ()):  # a plain loop: torch.compile traces it (not max() of a generator)
         capacity = max(capacity, getattr(layer, "max_cache_len", -1))
     return capacity
+
+
+def warn_old_cache_name(past_key_values: Cache | None, where: str) -> None:
+    """On releases that call the argument `cache` (5.24+), `past_key_values` is deprecated, as for in-tree models
+    (their `@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")`, same message); before 5.24 it is the
+    name generate itself passes, so nothing is said there."""
+    if past_key_values is not None and CACHE_FIELD == "cache":
+        warnings.warn(
+            f"`past_key_values` is deprecated and will be removed in version 5.40.0 for `{where}`. Use `cache` instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
 
 
 def cache_kwargs(cache: Cache | None) -> dict:
