@@ -39,7 +39,7 @@ def build_models(args) -> tuple[torch.nn.Module, torch.nn.Module]:
     yuan.model.rotary_emb = type(yuan.model.rotary_emb)(yuan.config)
     for y_layer, q_layer in zip(yuan.model.layers, qwen.model.layers):
         experts = y_layer.mlp.experts
-        experts.fused_gate_up, experts.fused_down = q_layer.mlp.experts.gate_up_proj.data, q_layer.mlp.experts.down_proj.data
+        experts.gate_up_proj, experts.down_proj = q_layer.mlp.experts.gate_up_proj.data, q_layer.mlp.experts.down_proj.data
     for model in (yuan, qwen):
         model.eval().requires_grad_(False)
     yuan.set_experts_implementation("grouped_mm")  # fuse() sees the views already in place: no copy
@@ -64,7 +64,7 @@ def experts_variants(yuan, qwen):
     return {
         "sort-based (eager, before)": lambda x, i, w: _sorted_without_direct(ye, x, i, w),
         "eager (sort; 1 token: direct calls)": ye._sorted_forward,
-        "grouped_mm (yuan, fused views)": ye._grouped_forward,
+        "grouped_mm (yuan: transformers' function on the fused views)": lambda x, i, w: moe.grouped_mm_experts_forward(ye, x, i, w),
         "dense (eager under compile)": ye._dense_forward,
         "transformers batched_mm (gather weights)": lambda x, i, w: moe.batched_mm_experts_forward(qe, x, i, w),
         "transformers grouped_mm (Qwen2-MoE)": lambda x, i, w: moe.grouped_mm_experts_forward(qe, x, i, w),

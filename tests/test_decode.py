@@ -25,9 +25,9 @@ ATOL = 1e-4
 NEW_TOKENS = 10
 
 
-def fused(model):
+def fused(model, implementation="grouped_mm"):
     model = copy.deepcopy(model)
-    model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation(implementation)
     return model
 
 
@@ -51,9 +51,10 @@ def model():
     return tiny_model()
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
 @torch.no_grad()
-def test_grouped_mm_equals_eager_logits_and_routing(model):
-    fast = fused(model)
+def test_fused_implementations_equal_eager_logits_and_routing(model, implementation):
+    fast = fused(model, implementation)
     x = prompts(3, 11)
     ref, out = model(x, output_router_logits=True), fast(x, output_router_logits=True)
     torch.testing.assert_close(out.logits, ref.logits, atol=ATOL, rtol=0)
@@ -95,16 +96,16 @@ def test_grouped_mm_bf16_with_fp32_router(model, tmp_path):
     ref = YuanM32ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     fast = YuanM32ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, experts_implementation="grouped_mm")
     assert fast.model.layers[0].mlp.gate.query.weight.dtype == torch.float32  # the router stays fp32
-    assert fast.model.layers[0].mlp.experts.fused_gate_up.dtype == torch.bfloat16
+    assert fast.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
     x = prompts(2, 8)
     out_ref = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False)
     out = fast.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(out, out_ref)
     # .to() converts each expert weight on its own: the stale fused copy is dropped and rebuilt on the next call
     fast.float()
-    assert fast.model.layers[0].mlp.experts.fused_gate_up is None
+    assert fast.model.layers[0].mlp.experts.gate_up_proj is None
     fast(x)
-    assert fast.model.layers[0].mlp.experts.fused_gate_up.dtype == torch.float32
+    assert fast.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32
 
 
 @torch.no_grad()
@@ -127,7 +128,7 @@ def test_fused_weights_are_views_and_checkpoint_format_unchanged(model, tmp_path
     fast = fused(model)
     experts = fast.model.layers[0].mlp.experts
     ffn = experts[0].gate_proj.weight.shape[0]
-    assert experts[2].up_proj.weight.data_ptr() == experts.fused_gate_up[2, ffn:].data_ptr()  # no second copy
+    assert experts[2].up_proj.weight.data_ptr() == experts.gate_up_proj[2, ffn:].data_ptr()  # no second copy
     assert not any("fused" in key for key in fast.state_dict())
     fast.save_pretrained(tmp_path)
     reloaded = YuanM32ForCausalLM.from_pretrained(tmp_path)
@@ -144,8 +145,8 @@ def test_grouped_mm_with_gradients_trains_the_per_expert_weights(model):
 def test_experts_implementation_bad_input(model):
     from peft import LoraConfig, get_peft_model
 
-    with pytest.raises(ValueError, match="'eager' or 'grouped_mm'.*got 'batched_mm'"):
-        copy.deepcopy(model).set_experts_implementation("batched_mm")
+    with pytest.raises(ValueError, match='experts_implementation="fastest"` is not supported'):
+        copy.deepcopy(model).set_experts_implementation("fastest")
     adapted = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"]))
     with pytest.raises(ValueError, match="PEFT adapter.*experts_implementation='eager'.*merge_and_unload"):
         adapted.base_model.model.set_experts_implementation("grouped_mm")

@@ -6,9 +6,9 @@ with Yuan's constraints: hidden_size even (the LF gate halves it), rotary dims =
 inside the vocabulary, `layer_types` all "hybrid". GQA (2 key/value heads for 4 query heads) is on, unlike the
 release, so `repeat_kv` is covered too.
 
-Every skip below names its reason. Not skipped, but switched off by the model itself: the compile / fullgraph
-tests, because `_can_compile_fullgraph = False` (the experts' group sizes cost a host sync per layer; another issue
-makes decode compilable).
+Every skip below names its reason. The compile / fullgraph tests run (`_can_compile_fullgraph = True`): compiled,
+the default experts path takes its sync-free form; the fused `experts_implementation="grouped_mm"` path, compiled
+static-cache generation and torch.export are tested in test_decode.py.
 """
 
 import tempfile

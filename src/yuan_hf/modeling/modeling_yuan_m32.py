@@ -20,6 +20,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -39,7 +40,6 @@ from .transformers_compat import (
     cache_kwargs,
     check_cache,
     check_kwargs,
-    grouped_mm,
     resolve_cache,
     warn_old_cache_name,
 )
@@ -380,9 +380,6 @@ class YuanM32MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm")
-
-
 class YuanM32Experts(nn.ModuleList):
     """Per-expert `nn.Linear`s (so bitsandbytes quantizes them and PEFT targets them by name), dispatched by
     `config._experts_implementation` (transformers' `experts_implementation` option):
@@ -391,35 +388,51 @@ class YuanM32Experts(nn.ModuleList):
       sizes, contiguous slices per expert, one weighted scatter-add back; a single token (batch-1 decode) calls
       its k experts directly. Under `torch.compile` / `torch.export`, which cannot follow a host sync, every
       expert runs on every token with zero weight where not routed (exact, E/k times the expert FLOPs).
-    - `"grouped_mm"`: sync-free, for inference. Expert weights are fused into `[E, 2F, H]` / `[E, H, F]` tensors
-      once (the per-expert weights become views into them: no extra memory) and each projection is one grouped
-      GEMM over the expert-sorted tokens (`torch.nn.functional.grouped_mm`; transformers' opaque fallback op
-      where the kernel cannot be compiled). Compiles with `fullgraph=True`, exports with `torch.export`, captures
-      in CUDA graphs. With gradients on it defers to the eager path, so training and PEFT are unaffected.
+    - `"grouped_mm"`, `"batched_mm"` (and any other kernel in transformers' `ALL_EXPERTS_FUNCTIONS`): inference
+      through transformers' own sync-free experts functions, on the expert weights fused once into `gate_up_proj`
+      [E, 2F, H] (gate rows, then up rows) and `down_proj` [E, H, F], the layout those functions read. The
+      per-expert weights become views into the fused tensors (no extra memory; the checkpoint keeps per-expert
+      tensors). Compiles with `fullgraph=True`, exports with `torch.export`, captures in CUDA graphs. With
+      gradients on it defers to the eager path (the views get no gradient through the fused tensors).
     """
+
+    # what transformers' experts functions read besides the fused weights (as `@use_experts_implementation` sets)
+    has_gate, has_bias, is_transposed, is_concatenated = True, False, False, True
+    has_post_expert_norm = _is_expert_parallel = False
 
     def __init__(self, config: YuanM32Config, num_experts: int):
         super().__init__([YuanM32MLP(config) for _ in range(num_experts)])
         self.config = config
         self.num_experts = num_experts
-        # the fused weights of the grouped_mm path (not saved: the checkpoint keeps per-expert tensors)
-        self.register_buffer("fused_gate_up", None, persistent=False)  # [E, 2F, H]: gate rows, then up rows
-        self.register_buffer("fused_down", None, persistent=False)  # [E, H, F]
+        # fused weights for the non-eager implementations (not saved: the checkpoint keeps per-expert tensors)
+        self.register_buffer("gate_up_proj", None, persistent=False)  # [E, 2F, H]
+        self.register_buffer("down_proj", None, persistent=False)  # [E, H, F]
+
+    @property
+    def act_fn(self) -> nn.Module:
+        return self[0].act_fn  # a property, not a child module: the list holds experts only
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)  # [S, 2F] -> [S, F] each
+        return self.act_fn(gate) * up
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """hidden_states: [T, H]; top_k_index, top_k_weights: [T, k] -> [T, H]."""
+        implementation = self.config._experts_implementation
         compiling = torch.compiler.is_compiling()
-        if self.config._experts_implementation == "grouped_mm" and not self._needs_gradients():
+        if implementation != "eager" and not self._needs_gradients():
             if not compiling:  # host-side checks; a compiled graph guards on the modules it traced
                 self.fuse()
-            elif self.fused_gate_up is None:
+            elif self.gate_up_proj is None:
                 raise RuntimeError(
-                    "experts_implementation='grouped_mm' fuses the expert weights before its first compiled call: "
-                    "run one eager forward, or call model.set_experts_implementation('grouped_mm'), before compiling"
+                    f"experts_implementation={implementation!r} fuses the expert weights before its first compiled "
+                    f"call: run one eager forward, or call model.set_experts_implementation({implementation!r}), "
+                    "before compiling"
                 )
-            return self._grouped_forward(hidden_states, top_k_index, top_k_weights)
+            experts_forward = ALL_EXPERTS_FUNCTIONS.get_interface(implementation, YuanM32Experts._sorted_forward)
+            return experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if compiling:
             return self._dense_forward(hidden_states, top_k_index, top_k_weights)
         return self._sorted_forward(hidden_states, top_k_index, top_k_weights)
@@ -463,26 +476,9 @@ class YuanM32Experts(nn.ModuleList):
             out = out + expert(hidden_states) * dense_weights[:, e, None]
         return out
 
-    def _grouped_forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        num_tokens, top_k = top_k_index.shape
-        flat_experts = top_k_index.reshape(-1)  # [S = T*k]
-        sorted_experts, order = torch.sort(flat_experts, stable=True)
-        routed = hidden_states[order // top_k]  # [S, H], grouped by expert
-        # group ends from a histogram (bincount's output size depends on the data under compile; histc's does not)
-        counts = torch.histc(sorted_experts.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
-        offsets = torch.cumsum(counts, dim=0).to(torch.int32)  # [E]
-        gate, up = grouped_mm(routed, self.fused_gate_up.transpose(1, 2), offsets).chunk(2, dim=-1)  # [S, F] each
-        expert_out = grouped_mm(self[0].act_fn(gate) * up, self.fused_down.transpose(1, 2), offsets)  # [S, H]
-        expert_out = expert_out * top_k_weights.reshape(-1)[order, None].to(expert_out.dtype)
-        # back to token order, then each token's k contributions summed (deterministic, unlike index_add_ on CUDA)
-        unsorted = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
-
     @torch.no_grad()
     def fuse(self) -> None:
-        """Stack the expert weights into `fused_gate_up` [E, 2F, H] and `fused_down` [E, H, F] and make each
+        """Stack the expert weights into `gate_up_proj` [E, 2F, H] and `down_proj` [E, H, F] and make each
         expert's weights views into them (no memory beyond one layer's experts during the copy). Idempotent;
         refuses experts that are not plain float `nn.Linear`s (bitsandbytes-quantized, PEFT-wrapped)."""
         for e, expert in enumerate(self):
@@ -490,36 +486,37 @@ class YuanM32Experts(nn.ModuleList):
                 linear = getattr(expert, name)
                 if type(linear) is not nn.Linear or type(linear.weight) is not nn.Parameter:
                     raise ValueError(
-                        f"experts_implementation='grouped_mm' runs on fused plain expert weights, but expert {e}'s "
+                        f"experts_implementation={self.config._experts_implementation!r} runs on fused plain expert "
+                        f"weights, but expert {e}'s "
                         f"{name} is a {type(linear).__module__}.{type(linear).__name__} with a "
                         f"{type(linear.weight).__name__} weight (bitsandbytes-quantized, or wrapped by a PEFT adapter). "
                         "Use experts_implementation='eager' (the default) with quantized or adapted models, or merge "
                         "the adapters first (model = model.merge_and_unload())."
                     )
         first = self[0].gate_proj.weight
-        if self.fused_gate_up is not None and self.fused_gate_up.data_ptr() == first.data_ptr():
+        if self.gate_up_proj is not None and self.gate_up_proj.data_ptr() == first.data_ptr():
             return  # already fused, and the weights were not replaced since (loading, .to(), assignment)
         if first.device.type == "meta":
             raise RuntimeError("Cannot fuse expert weights on the meta device: load the weights first")
         ffn = first.shape[0]
         gate_up = first.new_empty(len(self), 2 * ffn, first.shape[1])
         down = first.new_empty(len(self), *self[0].down_proj.weight.shape)
-        self.fused_gate_up = self.fused_down = None  # release stale fused copies before filling the new ones
+        self.gate_up_proj = self.down_proj = None  # release stale fused copies before filling the new ones
         for e, expert in enumerate(self):
             targets = ((expert.gate_proj, gate_up[e, :ffn]), (expert.up_proj, gate_up[e, ffn:]), (expert.down_proj, down[e]))
             for linear, target in targets:
                 target.copy_(linear.weight)
                 linear.weight = nn.Parameter(target, requires_grad=linear.weight.requires_grad)
-        self.fused_gate_up, self.fused_down = gate_up, down
+        self.gate_up_proj, self.down_proj = gate_up, down
 
     def _apply(self, fn, recurse: bool = True):
         # .to() / .half() / .cuda() convert each weight on its own: the fused buffers are left out of the
-        # conversion (no second copy) and dropped if the weights moved; the next grouped_mm forward fuses again
-        fused = (self.fused_gate_up, self.fused_down)
-        self.fused_gate_up = self.fused_down = None
+        # conversion (no second copy) and dropped if the weights moved; the next fused forward fuses again
+        fused = (self.gate_up_proj, self.down_proj)
+        self.gate_up_proj = self.down_proj = None
         result = super()._apply(fn, recurse)
         if fused[0] is not None and self[0].gate_proj.weight.data_ptr() == fused[0].data_ptr():
-            self.fused_gate_up, self.fused_down = fused  # a conversion that changed nothing (same device, dtype)
+            self.gate_up_proj, self.down_proj = fused  # a conversion that changed nothing (same device, dtype)
         return result
 
 
@@ -623,35 +620,28 @@ class YuanM32PreTrainedModel(PreTrainedModel):
                         "published on PyPI) and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` first, which "
                         "converts it on the fly."
                     )
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model._fuse_experts_if_requested()
-        return model
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._fuse_experts_if_requested()  # (model, info) on request
+        return loaded
 
-    # Experts implementations (transformers' `experts_implementation` option, see YuanM32Experts). transformers
-    # would default a model that can set it to "grouped_mm"; Yuan defaults to "eager", which bitsandbytes, PEFT
-    # and training need, and has no "batched_mm" (measured slower: benchmarks/README.md).
+    # Experts implementations (transformers' `experts_implementation` option, see YuanM32Experts): transformers
+    # would default a model that can set it to "grouped_mm"; Yuan defaults to "eager", which bitsandbytes, PEFT and
+    # training need. The others are transformers' own, validated by transformers.
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        implementation = "eager" if requested_experts is None else requested_experts
-        if implementation not in EXPERTS_IMPLEMENTATIONS:
-            raise ValueError(
-                f"{type(self).__name__} supports experts_implementation {' or '.join(map(repr, EXPERTS_IMPLEMENTATIONS))} "
-                f"('eager': per-expert Linears, for training, PEFT and bitsandbytes; 'grouped_mm': fused, sync-free, "
-                f"compilable inference), got {implementation!r}"
-            )
-        return implementation
+        return "eager" if requested_experts is None else super().get_correct_experts_implementation(requested_experts)
 
     def set_experts_implementation(self, experts_implementation: str | dict):
-        """transformers' switch, plus: "grouped_mm" fuses the expert weights now (so the next call can be compiled);
-        a bitsandbytes-quantized or PEFT-adapted model is refused there with the path to use instead."""
+        """transformers' switch; a fused implementation fuses the expert weights now (so the next call can be
+        compiled), and refuses bitsandbytes-quantized or PEFT-adapted experts there, naming the path to use."""
         super().set_experts_implementation(experts_implementation)
         self._fuse_experts_if_requested()
 
     def _fuse_experts_if_requested(self) -> None:
-        if self.config._experts_implementation == "grouped_mm":
+        if self.config._experts_implementation != "eager":
             for module in self.modules():
                 if isinstance(module, YuanM32Experts):
                     module.fuse()

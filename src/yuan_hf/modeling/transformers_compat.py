@@ -8,16 +8,12 @@ What moves, and where we read it:
 - 5.24 renamed the cache argument `past_key_values` -> `cache`: in model forwards (generate passes `cache=`),
   in the masking functions and in the output dataclasses' field (`outputs.past_key_values` remains a property
   there). `CACHE_FIELD` is the name the installed release uses; forwards accept both names.
-- Grouped GEMM for the fused experts path: `transformers.integrations.moe._grouped_mm` (5.17 .. 5.25) picks
-  `torch.nn.functional.grouped_mm` / `torch._grouped_mm` where the kernel exists for the device, dtype and
-  compile state, else transformers' opaque `grouped_mm_fallback` custom op (compile- and export-safe).
 """
 
 import dataclasses
 import warnings
 
 import torch
-import transformers.integrations.moe as transformers_moe
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.utils import TransformersKwargs
@@ -29,17 +25,6 @@ CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeModel
 # attention/output arguments (`TransformersKwargs`, e.g. packed-sequence metadata from TRL) and `return_dict`.
 # Anything else would disappear into `**kwargs` and change nothing, so it is refused (`check_kwargs`).
 KNOWN_FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) | {"return_dict"}
-
-
-def _grouped_mm_missing(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    raise NotImplementedError(
-        "experts_implementation='grouped_mm' needs transformers.integrations.moe._grouped_mm (transformers 5.17 .. "
-        "5.25 have it); this release has none: use experts_implementation='eager'"
-    )
-
-
-# grouped_mm(input [S, in], weight [E, in, out], offs [E] int32 cumulative group ends) -> [S, out]
-grouped_mm = getattr(transformers_moe, "_grouped_mm", _grouped_mm_missing)
 
 
 def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
