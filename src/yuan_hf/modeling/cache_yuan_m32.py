@@ -83,7 +83,7 @@ class YuanM32QuantizedCache(Cache):
 
     Args:
         config: the model's `YuanM32Config` (one hybrid layer per decoder layer).
-        backend: `"quanto"` (pip install optimum-quanto; 2 or 4 bits) or `"hqq"` (pip install hqq; 1, 2, 3, 4 or 8 bits).
+        backend: `"quanto"` (pip install optimum-quanto; 2 or 4 bits) or `"hqq"` (pip install hqq; 1-4 or 8 bits).
         nbits: bits per key/value element.
         axis_key, axis_value: quantization axis as transformers' backends take it (quanto 0 or -1, HQQ 0 or 1).
         q_group_size: elements sharing one scale and zero point.

@@ -487,23 +487,24 @@ class YuanM32Experts(nn.ModuleList):
                 if type(linear) is not nn.Linear or type(linear.weight) is not nn.Parameter:
                     raise ValueError(
                         f"experts_implementation={self.config._experts_implementation!r} runs on fused plain expert "
-                        f"weights, but expert {e}'s "
-                        f"{name} is a {type(linear).__module__}.{type(linear).__name__} with a "
-                        f"{type(linear.weight).__name__} weight (bitsandbytes-quantized, or wrapped by a PEFT adapter). "
-                        "Use experts_implementation='eager' (the default) with quantized or adapted models, or merge "
-                        "the adapters first (model = model.merge_and_unload())."
+                        f"weights, but expert {e}'s {name} is a {type(linear).__module__}.{type(linear).__name__} "
+                        f"with a {type(linear.weight).__name__} weight (bitsandbytes-quantized, or wrapped by a PEFT "
+                        "adapter). Use experts_implementation='eager' (the default) with quantized or adapted models, "
+                        "or merge the adapters first (model = model.merge_and_unload())."
                     )
         first = self[0].gate_proj.weight
         if self.gate_up_proj is not None and self.gate_up_proj.data_ptr() == first.data_ptr():
             return  # already fused, and the weights were not replaced since (loading, .to(), assignment)
         if first.device.type == "meta":
             raise RuntimeError("Cannot fuse expert weights on the meta device: load the weights first")
+        self.gate_up_proj = self.down_proj = None  # release a stale fused copy before building the new one
         ffn = first.shape[0]
         gate_up = first.new_empty(len(self), 2 * ffn, first.shape[1])
         down = first.new_empty(len(self), *self[0].down_proj.weight.shape)
-        self.gate_up_proj = self.down_proj = None  # release stale fused copies before filling the new ones
         for e, expert in enumerate(self):
-            targets = ((expert.gate_proj, gate_up[e, :ffn]), (expert.up_proj, gate_up[e, ffn:]), (expert.down_proj, down[e]))
+            targets = (
+                (expert.gate_proj, gate_up[e, :ffn]), (expert.up_proj, gate_up[e, ffn:]), (expert.down_proj, down[e])
+            )  # fmt: skip
             for linear, target in targets:
                 target.copy_(linear.weight)
                 linear.weight = nn.Parameter(target, requires_grad=linear.weight.requires_grad)
