@@ -103,12 +103,12 @@ class YuanM32QuantizedCache(Cache):
         if backend not in QUANTIZED_KV_BACKENDS:
             raise ValueError(f"Unknown quantized cache backend {backend!r}: use one of {sorted(QUANTIZED_KV_BACKENDS)}")
         kv_layer_class, is_available, package, bit_widths = QUANTIZED_KV_BACKENDS[backend]
+        if nbits not in bit_widths:
+            raise ValueError(f"backend={backend!r} quantizes to {bit_widths} bits, got nbits={nbits}")
         if not is_available():
             raise ImportError(
                 f"The quantized cache with backend={backend!r} needs the `{package}` package: pip install {package}"
             )
-        if nbits not in bit_widths:
-            raise ValueError(f"backend={backend!r} quantizes to {bit_widths} bits, got nbits={nbits}")
         layer_types = getattr(config, "layer_types", None)
         if layer_types is None or set(layer_types) != {"hybrid"}:
             raise ValueError(
