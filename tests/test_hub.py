@@ -35,13 +35,18 @@ REMOTE_ONLY = textwrap.dedent(
 )
 
 
-def logits_without_package(folder: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+def run_without_package(script: str, folder: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """Run `script FOLDER IDS OUT` in a fresh interpreter that cannot import yuan_hf; return the tensor it saved."""
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HOME"] = str(tmp_path / "hf_home")  # a fresh modules cache
-    subprocess.run([sys.executable, "-c", REMOTE_ONLY, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+    subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
                    check=True, env=env, cwd=tmp_path)  # fmt: skip
     return torch.load(tmp_path / "out.pt")
+
+
+def logits_without_package(folder: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    return run_without_package(REMOTE_ONLY, folder, ids, tmp_path)
 
 
 @pytest.mark.compat
