@@ -26,3 +26,26 @@ def fixtures_dir() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# Markers that transformers' common tests (tests/test_transformers_common.py) put on their tests; registered so
+# importing them does not warn. A later release may add one: it then only warns.
+TRANSFORMERS_MARKERS = (
+    "accelerate_tests", "all_flash_attn_test", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+    "generate", "is_pipeline_test", "is_training_test", "is_tensor_parallel_test", "is_expert_parallel_test",
+    "is_fsdp_test", "torch_compile_test", "bitsandbytes",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    for name in TRANSFORMERS_MARKERS:
+        config.addinivalue_line("markers", f"{name}: a marker of transformers' common tests")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny matmuls on a shared 2-core CI machine run about 10x slower on two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

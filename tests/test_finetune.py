@@ -41,15 +41,7 @@ from yuan_hf.finetune.toy import toy_sft_records, toy_tokenizer
 from yuan_hf.testing import tiny_config
 
 TRAIN_INIT = 0.2  # see the module docstring
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: on a shared 2-core CI machine two torch threads make them about 10x slower
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 def tiny_model(seed: int = 0, **overrides) -> YuanM32ForCausalLM:

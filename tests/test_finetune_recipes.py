@@ -24,14 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 EXAMPLES = ROOT / "examples"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: on a shared 2-core CI machine two torch threads make them about 10x slower
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, GenerationConfig, StaticCache
 
 import yuan_hf
 from yuan_hf import YuanM32Config, YuanM32ForCausalLM
@@ -319,3 +319,54 @@ def test_plain_4bit_loading_keeps_the_router_unquantized(tmp_path):
     layer = model.model.layers[0]
     assert type(layer.mlp.gate.query) is torch.nn.Linear and layer.mlp.gate.query.weight.dtype == torch.float32
     assert type(layer.mlp.experts[0].gate_proj).__name__ == "Linear4bit"
+
+
+def test_from_pretrained_without_a_path_takes_config_and_state_dict():
+    # no folder to adapt (IEIT layout) or check: transformers' own path, as for in-tree models
+    model = make_model()
+    loaded = YuanM32ForCausalLM.from_pretrained(None, config=model.config, state_dict=model.state_dict()).eval()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    fresh = YuanM32ForCausalLM.from_pretrained(None, config=model.config, state_dict={})  # every weight initialised
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_config_is_constructible_for_any_vocabulary_and_generate_refuses_outside_ids():
+    # the release's special ids (77185...) lie outside a small vocabulary: constructible (transformers warns) ...
+    assert YuanM32Config(vocab_size=32000).eos_token_id == 77185
+    assert isinstance(AutoConfig.for_model("yuan_m32", vocab_size=32000), YuanM32Config)
+    # ... but generate refuses them, naming the field, wherever they come from
+    model = YuanM32ForCausalLM(tiny_config(eos_token_id=900)).eval()
+    x = ids(1, 4)
+    with pytest.raises(ValueError, match="eos_token_id=900 outside the vocabulary"):
+        model.generate(x, max_new_tokens=2)
+    model.generate(x, max_new_tokens=2, eos_token_id=3)  # fixed by an argument
+    with pytest.raises(ValueError, match="pad_token_id=512 outside"):
+        make_model().generate(x, max_new_tokens=2, pad_token_id=512)
+    bad = GenerationConfig(max_new_tokens=2, bos_token_id=-1)
+    with pytest.raises(ValueError, match="bos_token_id=-1 outside"):
+        make_model().generate(x, bad)
+
+
+@torch.no_grad()
+def test_from_config_in_bfloat16_keeps_router_in_fp32():
+    for router_type in ("attention", "linear"):
+        model = AutoModelForCausalLM.from_config(tiny_config(router_type=router_type), dtype=torch.bfloat16)
+        gate = model.model.layers[0].mlp.gate
+        assert {p.dtype for p in gate.parameters()} == {torch.float32}, router_type
+        assert model.model.layers[0].mlp.experts[0].gate_proj.weight.dtype == torch.bfloat16
+        out = model(ids(2, 5), output_router_logits=True)
+        assert out.logits.dtype == torch.bfloat16 and out.router_logits[0].dtype == torch.float32
+
+
+@torch.no_grad()
+def test_old_cache_name_is_deprecated_only_where_transformers_renamed_it(model):
+    import warnings
+
+    from yuan_hf.modeling.transformers_compat import CACHE_FIELD
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(ids(1, 3), past_key_values=DynamicCache(config=model.config))
+    deprecated = [w for w in caught if "`past_key_values` is deprecated" in str(w.message)]
+    assert len(deprecated) == (1 if CACHE_FIELD == "cache" else 0)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import zipfile
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-__all__ = ["ConversionError", "KeyTable", "check_all_used", "read_weight_index", "tensor_digest"]
+__all__ = ["ConversionError", "KeyTable", "check_all_used", "is_legacy_torch_save", "read_weight_index", "tensor_digest"]
 
 
 
@@ -56,6 +58,19 @@ class KeyTable:
         src, numbers = found
         dst = self.table[src]
         return None if dst is None else dst.format(*numbers)
+
+
+# torch.save's legacy format starts with pickle protocol 2 and this magic number (a pickled int).
+LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
+
+
+def is_legacy_torch_save(path: Path) -> bool:
+    """True for a pre-1.6 (non-zip) `torch.save` file, which neither weights_only loading nor our reader parse."""
+    if not path.is_file() or zipfile.is_zipfile(path):
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(32)
+    return head[:2] == b"\x80\x02" and LEGACY_TORCH_MAGIC in head
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -21,7 +21,14 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..modeling import YuanM32Config
-from .common import PRETRAIN_ROPE_THETA, SFT_ROPE_THETA, ConversionError, read_weight_index, tensor_digest
+from .common import (
+    PRETRAIN_ROPE_THETA,
+    SFT_ROPE_THETA,
+    ConversionError,
+    is_legacy_torch_save,
+    read_weight_index,
+    tensor_digest,
+)
 from .native.builder import IEIT_KEYS, NativeStateBuilder
 from .native.folder import ConversionSummary, resolve_dtype, write_converted
 
@@ -188,16 +195,13 @@ class IEITCheckpoint:
         return tensors
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
-        if file.is_file() and not zipfile.is_zipfile(file):
-            with open(file, "rb") as handle:
-                head = handle.read(32)
-            if head[:2] == b"\x80\x02" and LEGACY_TORCH_MAGIC in head:
-                raise ConversionError(
-                    f"{file} is a legacy (pre-1.6, non-zip) torch.save file, which this converter does not read "
-                    "(weights_only loading needs the zip format). Re-save it with a recent torch in a trusted "
-                    "environment: torch.save(torch.load(path, weights_only=False), path), or convert it to "
-                    "safetensors, then run the conversion again"
-                )
+        if is_legacy_torch_save(file):
+            raise ConversionError(
+                f"{file} is a legacy (pre-1.6, non-zip) torch.save file, which this converter does not read "
+                "(weights_only loading needs the zip format). Re-save it with a recent torch in a trusted "
+                "environment: torch.save(torch.load(path, weights_only=False), path), or convert it to "
+                "safetensors, then run the conversion again"
+            )
         try:
             loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
@@ -205,10 +209,6 @@ class IEITCheckpoint:
         if not isinstance(loaded, Mapping):
             raise ConversionError(f"{file} holds a {type(loaded).__name__}, expected a state dict of tensors")
         return dict(loaded)
-
-
-# torch.save's legacy format starts with pickle protocol 2 and this magic number (a pickled int).
-LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
 
 
 def iter_native_tensors(

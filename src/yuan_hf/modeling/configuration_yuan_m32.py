@@ -142,14 +142,10 @@ class YuanM32Config(PretrainedConfig):
             "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "max_position_embeddings",
         ):  # fmt: skip
             positive(name)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id"):
-            ids = getattr(self, name, None)
-            for token_id in ids if isinstance(ids, list) else [ids]:
-                if token_id is not None and not 0 <= token_id < self.vocab_size:
-                    raise ValueError(
-                        f"YuanM32Config.{name} ({token_id}) is outside the vocabulary (vocab_size {self.vocab_size}); "
-                        "set the token ids of your tokenizer"
-                    )
+        # special-token ids outside the vocabulary are not an error here: the defaults are the release's ids, and a
+        # config for a smaller vocabulary (a tiny test model, `AutoConfig.for_model("yuan_m32", vocab_size=...)`)
+        # must be constructible; transformers' own config validation warns about them (5.17+), `generate` refuses
+        # them (YuanM32ForCausalLM.generate), and forwards leave input ids to the embedding (no host sync).
         if self.hidden_size % 2:
             raise ValueError(f"YuanM32Config.hidden_size must be even (the LF gate halves it), got {self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -197,6 +193,19 @@ class YuanM32Config(PretrainedConfig):
                 "YuanM32Config.rope_in_bfloat16 reproduces IEIT's plain RoPE tables and only works with "
                 f"rope_type 'default', got {rope.get('rope_type')!r}"
             )
+
+    def special_tokens_outside_vocab(self, source=None) -> dict:
+        """`{field: id}` of the bos/eos/pad/sep ids of `source` (default: this config; or a GenerationConfig)
+        that are not in `range(vocab_size)`."""
+        source = self if source is None else source
+        outside = {}
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id"):
+            ids = getattr(source, name, None)
+            ids = ids.tolist() if hasattr(ids, "tolist") else ids  # GenerationConfig may hold tensors
+            for token_id in ids if isinstance(ids, (list, tuple)) else [ids]:
+                if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < self.vocab_size):
+                    outside[name] = ids
+        return outside
 
     @property
     def rotary_dim(self) -> int:

@@ -12,6 +12,7 @@ the router is an *attention router*: an E x E attention over the expert axis, in
 import json
 import os
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,14 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_yuan_m32 import YuanM32Config
-from .transformers_compat import CACHE_FIELD, cache_kwargs, check_cache, check_kwargs, resolve_cache
+from .transformers_compat import (
+    CACHE_FIELD,
+    cache_kwargs,
+    check_cache,
+    check_kwargs,
+    resolve_cache,
+    warn_old_cache_name,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -327,9 +335,11 @@ class YuanM32AttentionRouter(YuanM32Router):
 
     def __init__(self, config: YuanM32Config):
         super().__init__(config)
-        self.query = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.key = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.value = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        # fp32 whatever the default dtype (from_config / __init__ under dtype=bf16 too), as in-tree models with
+        # `_keep_in_fp32_modules_strict` do; from_pretrained keeps it fp32 through that list
+        self.query = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
+        self.key = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
+        self.value = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states.to(self.query.weight.dtype)  # fp32 unless the whole model was cast
@@ -345,7 +355,7 @@ class YuanM32LinearRouter(YuanM32Router):
 
     def __init__(self, config: YuanM32Config):
         super().__init__(config)
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states.to(self.weight.dtype), self.weight).float()
@@ -471,6 +481,10 @@ class YuanM32PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        path = pretrained_model_name_or_path
+        if not (isinstance(path, (str, os.PathLike)) and os.path.isdir(path)):
+            # a Hub id, or None with `config` + `state_dict`: no local layout to adapt or check
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         for adapter in cls._source_adapters:
             converted = adapter(pretrained_model_name_or_path, kwargs)
             if converted is not None:
@@ -548,6 +562,7 @@ class YuanM32Model(YuanM32PreTrainedModel):
         r"""cache: the decode state (K/V and the LF-gate conv state per layer); `past_key_values` is the same
         argument under its name before transformers 5.24. The returned output carries it under the installed
         release's name (`outputs.cache`, or `outputs.past_key_values`, which 5.24+ keep as an alias)."""
+        warn_old_cache_name(past_key_values, type(self).__name__ + ".forward")
         cache = resolve_cache(cache, past_key_values)
         check_kwargs(kwargs, type(self).__name__ + ".forward")
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -669,6 +684,27 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, after refusing bos/eos/pad ids outside the vocabulary.
+
+        A config may carry such ids (the release's defaults with a smaller `vocab_size` only warn); generating
+        with them would never stop on eos or index past the embedding with pad. The ids are read from the public
+        arguments (`generation_config`, positional or keyword, else `self.generation_config`; `*_token_id`
+        keywords override it), not from a private hook of `generate`, whose signatures move between releases.
+        """
+        generation_config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        generation_config = generation_config if generation_config is not None else self.generation_config
+        names = ("bos_token_id", "eos_token_id", "pad_token_id")
+        ids = {name: kwargs.get(name, getattr(generation_config, name, None)) for name in names}
+        outside = self.config.special_tokens_outside_vocab(SimpleNamespace(**ids))
+        if outside:
+            found = ", ".join(f"{name}={token_id}" for name, token_id in outside.items())
+            raise ValueError(
+                f"generate: {found} outside the vocabulary (vocab_size {self.config.vocab_size}); set the ids of "
+                "your tokenizer in model.generation_config (or pass them to generate)"
+            )
+        return super().generate(*args, **kwargs)
+
     @can_return_tuple
     def forward(
         self,
@@ -701,6 +737,7 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         # `shift_labels` (pre-shifted labels, as transformers' context parallelism passes them) comes through kwargs,
         # not the signature: Trainer takes every forward parameter named "*label*" as a required label column
         shift_labels = kwargs.pop("shift_labels", None)
+        warn_old_cache_name(past_key_values, type(self).__name__ + ".forward")
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )

@@ -11,6 +11,7 @@ What moves, and where we read it:
 """
 
 import dataclasses
+import warnings
 
 import torch
 from transformers.cache_utils import Cache
@@ -31,6 +32,18 @@ def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache |
     if cache is not None and past_key_values is not None:
         raise ValueError("Pass the cache once: both `cache` and `past_key_values` were given (they are one argument)")
     return past_key_values if cache is None else cache
+
+
+def warn_old_cache_name(past_key_values: Cache | None, where: str) -> None:
+    """On releases that call the argument `cache` (5.24+), `past_key_values` is deprecated, as for in-tree models
+    (their `@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")`, same message); before 5.24 it is the
+    name generate itself passes, so nothing is said there."""
+    if past_key_values is not None and CACHE_FIELD == "cache":
+        warnings.warn(
+            f"`past_key_values` is deprecated and will be removed in version 5.40.0 for `{where}`. Use `cache` instead.",
+            FutureWarning,
+            stacklevel=3,
+        )
 
 
 def cache_kwargs(cache: Cache | None) -> dict:

@@ -28,17 +28,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..common import ConversionError
+from ..common import ConversionError, is_legacy_torch_save
 
 __all__ = ["DROPPED_ENTRIES", "LazyTensor", "MegatronStub", "RestrictedUnpickler", "flatten_model_state", "load_megatron_file"]
 
 # Top-level entries of a rank file that a conversion never needs. They are unpickled as structure only:
 # their tensors are never read from disk (see LazyTensor), then the entries are dropped.
 DROPPED_ENTRIES = ("optimizer", "opt_param_scheduler", "lr_scheduler", "rng_state")
-
-# torch.save's legacy format starts with pickle protocol 2 and this magic number (a pickled int).
-LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:-1]
-
 
 class MegatronStub:
     """Inert stand-in for an object of one of Megatron's own classes, e.g. ``args.model_type``
@@ -297,9 +293,7 @@ def open_zip(path: Path) -> tuple[bytes, dict[str, zipfile.ZipInfo], str]:
     if not path.is_file():
         raise ConversionError(f"checkpoint file {path} does not exist")
     if not zipfile.is_zipfile(path):
-        with open(path, "rb") as handle:
-            head = handle.read(32)
-        if head[:2] == b"\x80\x02" and LEGACY_TORCH_MAGIC in head:
+        if is_legacy_torch_save(path):
             raise ConversionError(
                 f"{path} is a legacy (pre-1.6, non-zip) torch.save file, which this reader does not parse. Re-save it "
                 "with a recent torch in a trusted environment (torch.save(torch.load(path, weights_only=False), path); "
