@@ -21,7 +21,12 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -475,6 +480,14 @@ class YuanM32PreTrainedModel(PreTrainedModel):
         "attentions": YuanM32Attention,
     }
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', but a folder that gets the modeling files (the class was registered for an Auto class)
+        maps *every* Auto class to its Yuan head, not only the saved class's, so it loads with remote code as
+        `AutoModel`, `AutoModelForCausalLM` or any head."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map(type(self).__module__)}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     # Callables `(path, kwargs) -> native_path | None` that turn another layout into a native folder before
     # loading. The yuan_hf package registers one for IEIT's HF layout; the Hub copy of this file has none.
     _source_adapters: list[Callable] = []
@@ -801,4 +814,62 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["YuanM32PreTrainedModel", "YuanM32Model", "YuanM32ForCausalLM"]
+# The heads take their forward from transformers' generic heads (as Qwen3-MoE's). Their __init__ builds the
+# backbone directly: the generic one asks `AutoModel.from_config`, which knows no Yuan model in remote code.
+
+
+class YuanM32ForSequenceClassification(GenericForSequenceClassification, YuanM32PreTrainedModel):
+    """Score of the last non-padding token (reward and value models, e.g. TRL's RewardTrainer); needs a
+    `pad_token_id` distinct from the text's tokens (the converted release tokenizer's `<pad>`)."""
+
+    def __init__(self, config: YuanM32Config):
+        YuanM32PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = YuanM32Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class YuanM32ForTokenClassification(GenericForTokenClassification, YuanM32PreTrainedModel):
+    def __init__(self, config: YuanM32Config):
+        YuanM32PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = YuanM32Model(config)
+        self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.0)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class YuanM32ForQuestionAnswering(GenericForQuestionAnswering, YuanM32PreTrainedModel):
+    def __init__(self, config: YuanM32Config):
+        YuanM32PreTrainedModel.__init__(self, config)
+        self.model = YuanM32Model(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)  # start and end logits
+        self.post_init()
+
+
+# Auto class -> class name, for `auto_map` in saved and converted folders (all classes live in this file).
+AUTO_CLASSES = {
+    "AutoModel": "YuanM32Model",
+    "AutoModelForCausalLM": "YuanM32ForCausalLM",
+    "AutoModelForSequenceClassification": "YuanM32ForSequenceClassification",
+    "AutoModelForTokenClassification": "YuanM32ForTokenClassification",
+    "AutoModelForQuestionAnswering": "YuanM32ForQuestionAnswering",
+}
+
+
+def auto_map(module: str = __name__) -> dict[str, str]:
+    """`auto_map` entries for every model class, as `{"AutoModel": "modeling_yuan_m32.YuanM32Model", ...}`
+    (`module`: this file's module name; only its last part counts, as in transformers' own `auto_map`)."""
+    file = module.rsplit(".", 1)[-1]
+    return {auto_class: f"{file}.{name}" for auto_class, name in AUTO_CLASSES.items()}
+
+
+__all__ = [
+    "YuanM32PreTrainedModel",
+    "YuanM32Model",
+    "YuanM32ForCausalLM",
+    "YuanM32ForSequenceClassification",
+    "YuanM32ForTokenClassification",
+    "YuanM32ForQuestionAnswering",
+]

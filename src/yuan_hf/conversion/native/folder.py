@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ...modeling import YuanM32Config, YuanM32ForCausalLM
+from ...modeling.modeling_yuan_m32 import auto_map
 from ..common import ConversionError
 from .output import PROVENANCE_FILE, ShardedSafetensorsWriter, atomic_output_dir
 
@@ -91,6 +92,9 @@ def write_native_folder(
         config.dtype = max(writer.dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
     with torch.device("meta"):  # copies the modeling files and adds the model class to config.auto_map
         custom_object_save(YuanM32ForCausalLM(config), tmp, config=config)
+    # every Auto class finds its Yuan head through remote code, as in folders written by save_pretrained
+    config.auto_map = {**config.auto_map, **auto_map()}
+    config.architectures = [YuanM32ForCausalLM.__name__]
     config.save_pretrained(tmp)  # also copies the configuration file and adds AutoConfig to auto_map
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
     if provenance is not None:
