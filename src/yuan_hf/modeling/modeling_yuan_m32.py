@@ -750,6 +750,10 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         # `shift_labels` (pre-shifted labels, as transformers' context parallelism passes them) comes through kwargs,
         # not the signature: Trainer takes every forward parameter named "*label*" as a required label column
         shift_labels = kwargs.pop("shift_labels", None)
+        # generate() hands its own `tokenizer` (stop strings; `transformers serve` always passes it) on to the model
+        # inputs, where in-tree models swallow it: drop it here, as it means nothing to the model
+        kwargs.pop("tokenizer", None)
+        kwargs.pop("assistant_tokenizer", None)
         warn_old_cache_name(past_key_values, type(self).__name__ + ".forward")
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
