@@ -76,7 +76,10 @@ def fetch_sdist_tests() -> Path:
             )
         with tarfile.open(archives[0]) as archive:
             members = [m for m in archive.getmembers() if m.name.startswith(f"transformers-{VERSION}/")]
-            archive.extractall(work / "extract", members=members, filter="data")
+            try:
+                archive.extractall(work / "extract", members=members, filter="data")
+            except TypeError:  # Python < 3.10.12 / 3.11.4: no extraction filters (members are prefix-checked)
+                archive.extractall(work / "extract", members=members)
         extracted = work / "extract" / f"transformers-{VERSION}"
         if not (extracted / "tests" / "test_modeling_common.py").is_file():
             raise SuiteUnavailable(f"the sdist of transformers {VERSION} has no tests/test_modeling_common.py")
