@@ -63,3 +63,14 @@ def test_model_card_metadata_reads_back_with_huggingface_hub(ieit_source, tmp_pa
     assert data["pipeline_tag"] == "text-generation" and data["library_name"] == "transformers"
     assert {"yuan", "moe"} <= set(data["tags"])
     assert "active per token" in card.text
+
+
+def test_active_parameters_count_each_layers_experts():
+    """A pruned model (4 experts in layer 0, 2 in layer 1, top-2): layer 1 is fully active, layer 0 half."""
+    from yuan_hf.parameters import count_parameters
+
+    names = [("model.embed_tokens.weight", 100), ("model.layers.0.self_attn.q_proj.weight", 10)]
+    names += [(f"model.layers.0.mlp.experts.{e}.up_proj.weight", 8) for e in range(4)]
+    names += [(f"model.layers.1.mlp.experts.{e}.up_proj.weight", 8) for e in range(2)]
+    counts = count_parameters(names, top_k=2)
+    assert (counts.total, counts.active, counts.embeddings) == (158, 158 - 16, 100)

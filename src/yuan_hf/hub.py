@@ -474,9 +474,8 @@ def render_model_card(
     provenance = dict(provenance or {"source_format": "unknown"})
     shapes = _headers(folder, _weight_names(folder))
     counts = count_parameters(
-        ((name, math.prod(shape)) for name, shape in shapes.items()),
-        num_experts=config.get("num_experts") or 1, top_k=config.get("num_experts_per_tok") or 1,
-    )  # fmt: skip
+        ((name, math.prod(shape)) for name, shape in shapes.items()), top_k=config.get("num_experts_per_tok") or 1
+    )
     base_model = BASE_MODELS.get(str(provenance.get("source_format")))
     return CARD_TEMPLATE.format(
         license=license,

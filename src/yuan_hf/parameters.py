@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = ["ParameterCount", "count_parameters", "count_config_parameters"]
 
-EXPERT_PARAMETER = re.compile(r"(^|\.)mlp\.experts\.\d+\.")
+EXPERT_PARAMETER = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 EMBEDDING_PARAMETERS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -34,17 +35,22 @@ def _billions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n:,}"
 
 
-def count_parameters(named_numels: Iterable[tuple[str, int]], *, num_experts: int, top_k: int) -> ParameterCount:
+def count_parameters(named_numels: Iterable[tuple[str, int]], *, top_k: int) -> ParameterCount:
     """Counts from ``(native name, number of elements)`` pairs, each tensor once (a tied LM head is absent or
-    named once: pass ``model.named_parameters()``, which removes duplicates, or the tensors of a saved folder)."""
-    total = experts = embeddings = 0
+    named once: pass ``model.named_parameters()``, which removes duplicates, or the tensors of a saved folder).
+    Each layer's experts are counted from the names, so pruned models (fewer experts in some layers) count right:
+    a token uses ``top_k`` of the layer's experts."""
+    total = embeddings = 0
+    expert_numels: dict[int, int] = defaultdict(int)  # layer -> parameters of all its experts
+    experts: dict[int, set[str]] = defaultdict(set)  # layer -> expert indices
     for name, numel in named_numels:
         total += numel
-        if EXPERT_PARAMETER.search(name):
-            experts += numel
+        if match := EXPERT_PARAMETER.search(name):
+            expert_numels[int(match[1])] += numel
+            experts[int(match[1])].add(match[2])
         elif name in EMBEDDING_PARAMETERS:
             embeddings += numel
-    inactive = experts - experts * top_k // num_experts
+    inactive = sum(n - n * min(top_k, len(experts[layer])) // len(experts[layer]) for layer, n in expert_numels.items())
     return ParameterCount(total=total, active=total - inactive, embeddings=embeddings)
 
 
@@ -56,8 +62,4 @@ def count_config_parameters(config) -> ParameterCount:
 
     with torch.device("meta"):
         model = YuanM32ForCausalLM(config)
-    return count_parameters(
-        ((name, p.numel()) for name, p in model.named_parameters()),
-        num_experts=config.num_experts,
-        top_k=config.num_experts_per_tok,
-    )
+    return count_parameters(((name, p.numel()) for name, p in model.named_parameters()), top_k=config.num_experts_per_tok)
