@@ -30,7 +30,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
-from vllm.model_executor.models.utils import AutoWeightsLoader, make_layers, maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, extract_layer_index, make_layers, maybe_prefix
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
@@ -150,13 +150,21 @@ ROUTER_CLASSES = {"attention": YuanM32AttentionRouter, "linear": YuanM32LinearRo
 
 
 class YuanM32SparseMoeBlock(nn.Module):
-    """fp32 router logits -> vLLM fused MoE (softmax -> top-k -> renormalise), 32 SwiGLU experts, no shared one."""
+    """fp32 router logits -> vLLM fused MoE (softmax -> top-k -> renormalise), SwiGLU experts, no shared one.
 
-    def __init__(self, config, *, quant_config: QuantizationConfig | None, prefix: str):
+    A layer-adaptively pruned model (`yuan-hf experts prune`) has its own expert count per layer and keeps each
+    router whole (`router_num_experts` outputs); the layer routes among its remaining experts' logits
+    (`router_experts[layer]`), as yuan_hf does.
+    """
+
+    def __init__(self, config, *, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        self.gate = ROUTER_CLASSES[config.router_type](config.hidden_size, config.num_experts)
+        num_experts = config.experts_per_layer[layer_idx]
+        self.gate = ROUTER_CLASSES[config.router_type](config.hidden_size, config.router_num_experts or num_experts)
+        kept = None if config.router_experts is None else torch.tensor(config.router_experts[layer_idx])
+        self.register_buffer("expert_ids", kept, persistent=False)  # [E_layer] router outputs, or None
         self.experts = FusedMoEFactory(
-            num_experts=config.num_experts,
+            num_experts=num_experts,
             top_k=config.num_experts_per_tok,
             hidden_size=config.hidden_size,
             intermediate_size=config.moe_intermediate_size,
@@ -169,7 +177,9 @@ class YuanM32SparseMoeBlock(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        router_logits = self.gate(hidden_states)  # [T, E] fp32
+        router_logits = self.gate(hidden_states)  # [T, router width] fp32
+        if self.expert_ids is not None:
+            router_logits = router_logits.index_select(-1, self.expert_ids)  # [T, E_layer]
         return self.experts(hidden_states=hidden_states, router_logits=router_logits)
 
 
@@ -182,7 +192,9 @@ class YuanM32DecoderLayer(nn.Module):
             quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.mlp = YuanM32SparseMoeBlock(config, quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = YuanM32SparseMoeBlock(
+            config, layer_idx=extract_layer_index(prefix), quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp"
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
