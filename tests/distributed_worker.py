@@ -139,6 +139,28 @@ def lora_fsdp_check(path: str, steps: int = 3) -> dict:
     }
 
 
+def bf16_fsdp_check(path: str) -> dict:
+    """bf16 base, fp32 router and fp32 LoRA adapters (PEFT's default autocast) under FSDP2: one training step."""
+    from peft import LoraConfig, get_peft_model
+
+    from yuan_hf.parallel import fully_shard_decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(path, **{**LOAD, "dtype": torch.bfloat16})
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "gate_proj", "down_proj"])).train()
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    fully_shard_decoder_layers(model)
+    torch.manual_seed(3)
+    ids = torch.randint(6, 500, (1, 12))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    return {
+        "dtypes": dtypes,
+        "loss": loss.item(),
+        "all_grads": all(g is not None and bool(torch.isfinite(local(g)).all()) for g in grads),
+    }
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -153,6 +175,7 @@ def main() -> None:
         results["bad_heads"] = bad_size_check("bad_heads", DistributedConfig(tp_size=2))
         results["bad_experts"] = bad_size_check("bad_experts", DistributedConfig(tp_size=2, ep_size=2, tp_plan={}))
         results["fsdp_lora"] = lora_fsdp_check(os.path.join(FOLDERS, "tiny"))
+        results["fsdp_bf16"] = bf16_fsdp_check(os.path.join(FOLDERS, "tiny"))
     with open(os.path.join(OUT, f"rank{rank}.json"), "w") as handle:
         json.dump(results, handle)
     dist.barrier()

@@ -158,6 +158,14 @@ def test_fsdp2_lora_training_equals_single_process(package_run):
         assert result["max_adapter_diff"] <= 1e-5, result["max_adapter_diff"]
 
 
+@needs_ep_api
+def test_fsdp2_bf16_base_with_fp32_router_and_adapters_trains(package_run):
+    for rank_result in package_run:
+        result = rank_result["fsdp_bf16"]
+        assert result["dtypes"] == ["torch.bfloat16", "torch.float32"]
+        assert result["all_grads"] and 0 < result["loss"] < 20, result
+
+
 # ------------------------------------------------------------------------------------ in-process, no torchrun
 
 
