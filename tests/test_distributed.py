@@ -9,6 +9,7 @@ process (losses and adapter).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -164,6 +165,31 @@ def test_fsdp2_bf16_base_with_fp32_router_and_adapters_trains(package_run):
         result = rank_result["fsdp_bf16"]
         assert result["dtypes"] == ["torch.bfloat16", "torch.float32"]
         assert result["all_grads"] and 0 < result["loss"] < 20, result
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (optional: pip install -e '.[deepspeed]'); it is not a dependency of yuan-hf",
+)
+def test_deepspeed_zero3_lora_with_moe_leaf_equals_single_process(folders, tmp_path):
+    """ZeRO-3 (gloo on CPU) with the MoE block as leaf module: LoRA losses and adapter equal one process. Runs
+    deepspeed directly: accelerate cannot start DeepSpeed on a CPU-only machine (README, "Multi-GPU")."""
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(WORKER.with_name("deepspeed_worker.py")), str(folders / "tiny"), str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=out)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    for rank in range(2):
+        run = json.loads((out / f"rank{rank}.json").read_text())
+        assert run["leaf_modules"] == 2  # one YuanM32SparseMoeBlock per layer
+        torch.testing.assert_close(run["zero3_losses"], run["reference_losses"], rtol=0, atol=1e-5)
+        assert run["adapter_keys_equal"] and run["max_lora_b"] > 1e-3
+        assert run["max_adapter_diff"] <= 1e-5, run["max_adapter_diff"]
 
 
 # ------------------------------------------------------------------------------------ in-process, no torchrun
