@@ -97,6 +97,18 @@ def prepare_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int) -> Non
         module.forward = _local_ids_forward(module.forward, first, per_rank, elsewhere[0])
     pattern = rf"(^|\.)layers\.\d+\.mlp\.experts\.({'|'.join(map(str, elsewhere))})\."
     model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {pattern}
+    model.save_pretrained = _refuse_partial_save(owned)
+
+
+def _refuse_partial_save(owned: range):
+    def save_pretrained(*args, **kwargs):
+        raise NotImplementedError(
+            f"This model was loaded with expert parallelism: this rank holds experts {owned.start}..{owned.stop - 1} "
+            "only, so save_pretrained would write a checkpoint without the others. Save from a model loaded without "
+            "ep_size (tensor-parallel models gather their shards when saving), or save adapters with PEFT."
+        )
+
+    return save_pretrained
 
 
 def _local_ids_forward(forward, first: int, per_rank: int, stand_in: int):
