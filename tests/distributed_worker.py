@@ -66,8 +66,8 @@ def sharding(model) -> dict:
     return shapes
 
 
-def inference_check(reference, ids, distributed_config) -> dict:
-    model = load("tiny", distributed_config)
+def inference_check(reference, ids, distributed_config, folder: str = "tiny") -> dict:
+    model = load(folder, distributed_config)
     with torch.no_grad():
         logits, expected = model(ids).logits, reference(ids).logits
     greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -185,6 +185,9 @@ def main() -> None:
     if EXPERT_PARALLEL:
         results["ep"] = inference_check(reference, ids, DistributedConfig(tp_size=2, ep_size=2, tp_plan={}))
         results["tp_ep"] = inference_check(reference, ids, DistributedConfig(tp_size=2, ep_size=2))
+        if not REMOTE:  # a pruned model: 8 experts in layer 0, 4 in layer 1
+            config = DistributedConfig(tp_size=2, ep_size=2, tp_plan={})
+            results["ep_pruned"] = inference_check(load("pruned").eval(), ids, config, folder="pruned")
     if not REMOTE:
         results["bad_heads"] = bad_size_check("bad_heads", DistributedConfig(tp_size=2))
         if EXPERT_PARALLEL:

@@ -53,6 +53,7 @@ def _unreadable_weights(folder: Path) -> None:
 def folders(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist_models")
     tiny_model(seed=0).save_pretrained(root / "tiny")
+    tiny_model(seed=0, num_experts=[8, 4]).save_pretrained(root / "pruned")
     for name, overrides in {"bad_heads": {"num_attention_heads": 3}, "bad_experts": {"num_experts": 5}}.items():
         tiny_model(seed=0, **overrides).save_pretrained(root / name)
         _unreadable_weights(root / name)
@@ -131,11 +132,22 @@ def test_expert_parallel_plan_gives_each_rank_half_the_experts(package_run):
         both = rank_result["tp_ep"]["sharding"]
         assert both["q_proj"] == [64, 64] and both["expert.gate_proj"] == [128, 64]  # heads split, experts whole
     assert package_run[0]["tp"]["save"] == "saved"  # tensor parallel gathers its shards to save
-    assert "holds experts 0..3 only" in package_run[0]["ep"]["save"]  # no checkpoint missing half the experts
-    assert "holds experts 4..7 only" in package_run[1]["tp_ep"]["save"]
+    assert "rank 0 holds only its share (1/2)" in package_run[0]["ep"]["save"]  # no checkpoint missing experts
+    assert "rank 1 holds only its share (1/2)" in package_run[1]["tp_ep"]["save"]
     full = sum(p.numel() for p in tiny_model(seed=0).parameters())
     experts = sum(p.numel() for layer in tiny_model(seed=0).model.layers for p in layer.mlp.experts.parameters())
     assert package_run[0]["ep"]["params_on_rank"] == full - experts // 2
+
+
+@needs_ep_api
+def test_expert_parallel_with_per_layer_expert_counts(package_run):
+    """A pruned model (8 experts in layer 0, 4 in layer 1): each rank keeps half of each layer's experts."""
+    for rank_result in package_run:
+        _assert_same_as_single_process(rank_result["ep_pruned"])
+    assert [r["ep_pruned"]["sharding"]["experts_held"] for r in package_run] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    full = sum(p.numel() for p in tiny_model(seed=0, num_experts=[8, 4]).parameters())
+    expert = sum(p.numel() for p in tiny_model(seed=0).model.layers[0].mlp.experts[0].parameters())
+    assert package_run[0]["ep_pruned"]["params_on_rank"] == full - (4 + 2) * expert
 
 
 @pytest.mark.parametrize(
@@ -211,13 +223,15 @@ class _Sizes:
         (_Sizes(tp_size=32), ("tp_size 32", "num_attention_heads 16")),
         (_Sizes(tp_size=2, ep_size=6), ("ep_size 6", "num_experts 32")),
         (_Sizes(tp_size=3, ep_size=3, tp_plan={}), ("ep_size 3", "num_experts 32")),
+        (_Sizes(tp_size=4, ep_size=4), ("ep_size 4", "num_experts[23] (layer 23) 30")),  # pruned in its last layer
     ],
 )
 def test_release_sizes_that_do_not_divide_are_named(sizes, numbers):
     from yuan_hf import YuanM32Config
 
+    config = YuanM32Config(num_experts=[32] * 23 + [30]) if "layer 23" in numbers[1] else YuanM32Config()
     with pytest.raises(ValueError) as error:
-        check_parallel_sizes(YuanM32Config(), sizes)
+        check_parallel_sizes(config, sizes)
     assert all(number in str(error.value) for number in numbers), str(error.value)
 
 

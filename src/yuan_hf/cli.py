@@ -1,4 +1,4 @@
-"""The ``yuan-hf`` command line: conversion, demo, fine-tuning and upload.
+"""The ``yuan-hf`` command line: conversion, demo, fine-tuning, upload and expert tools.
 
 Every failure prints one clear ``error: ...`` line and exits non-zero; conversions write atomically.
 """
@@ -12,6 +12,7 @@ from importlib import metadata
 
 from . import __version__
 from .conversion.common import ConversionError
+from .experts.stats import ExpertsError
 
 VERSION_LIBRARIES = ("transformers", "torch", "huggingface-hub", "safetensors", "peft", "accelerate", "bitsandbytes")
 
@@ -91,6 +92,109 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     mega.add_argument("--verify", action="store_true", help="reload the result and run a short forward")
 
 
+def _add_experts(sub: argparse._SubParsersAction) -> None:
+    experts = sub.add_parser("experts", help="router statistics, layer-adaptive expert pruning, expert placement")
+    tools = experts.add_subparsers(dest="tool", required=True)
+
+    stats = tools.add_parser("stats", help="which experts your data uses: per-layer routing statistics",
+                             description="Stream a dataset through the model and write OUT/stats.json (token share, "
+                             "routing mass, entropy, co-selection, removal impact per layer and expert) and PNG "
+                             "pictures (with matplotlib). Padding is not counted.")  # fmt: skip
+    stats.add_argument("model", help="native yuan_m32 folder or Hub id (IEIT's layout is converted on the fly)")
+    stats.add_argument("data", help="JSONL ({'text'}, {'prompt','response'} or {'messages'} per line) or a text "
+                                    "file (one document per non-blank line)")  # fmt: skip
+    stats.add_argument("--out", default="expert_stats", help="output folder for stats.json and the pictures")
+    stats.add_argument("--max-tokens", type=_positive_int, default=None,
+                       help="count at most this many tokens (default: the whole file)")
+    stats.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward")
+    stats.add_argument("--max-length", type=_positive_int, default=1024,
+                       help="longest sequence per forward; longer documents are cut into pieces")
+    stats.add_argument("--tokenizer", default=None, help="tokenizer folder or id (default: the model's)")
+    stats.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="dtype to load the weights in")
+    stats.add_argument("--device-map", default=None, help="e.g. 'auto' to spread the model over the GPUs")
+    stats.add_argument("--load-in-4bit", action="store_true", help="load the experts in nf4 (bitsandbytes)")
+    stats.add_argument("--no-plots", action="store_true", help="write stats.json only")
+
+    prune = tools.add_parser("prune", help="drop under-used experts per layer (LAEP) into a new native folder",
+                             description="Per layer keep the fewest experts that carry the requested share of "
+                             "routed mass (never fewer than top-k), or the N heaviest of every layer, or whatever "
+                             "fits a parameter budget. The router is kept whole, so routing among the kept experts "
+                             "is unchanged.")  # fmt: skip
+    prune.add_argument("model", help="local native yuan_m32 folder (16/32-bit safetensors)")
+    prune.add_argument("dst", help="output folder (must be empty or absent unless --overwrite)")
+    prune.add_argument("--stats", required=True, help="stats.json of `yuan-hf experts stats` on this model")
+    how = prune.add_mutually_exclusive_group(required=True)
+    how.add_argument("--keep-mass", type=float, help="per layer, keep experts carrying this share of routed mass, "
+                                                     "e.g. 0.95")  # fmt: skip
+    how.add_argument("--num-experts", type=_positive_int, help="keep the N heaviest experts of every layer")
+    how.add_argument("--max-params", help="total parameter budget, e.g. 24B or 350M")
+    prune.add_argument("--max-shard-size", default="5GB", type=_shard_size, help="largest safetensors shard")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (a yuan-hf output)")
+    prune.add_argument("--verify", action="store_true", help="reload the result and run a short forward")
+
+    place = tools.add_parser("place", help="balance experts over N expert-parallel devices",
+                             description="From stats.json, assign each layer's experts to N devices (equal counts, "
+                             "load within mean + the largest expert's load) and report the contiguous split's "
+                             "imbalance vs the balanced one; --reorder writes a copy of a model whose experts are "
+                             "permuted so that the contiguous split is the balanced placement.")  # fmt: skip
+    place.add_argument("stats", help="stats.json of `yuan-hf experts stats`")
+    place.add_argument("--devices", type=_positive_int, required=True, help="number of expert-parallel devices")
+    place.add_argument("--out", default="placement.json", help="where to write the plan (JSON)")
+    place.add_argument("--reorder", nargs=2, metavar=("SRC", "DST"), default=None,
+                       help="also write SRC (a native folder the stats came from) with its experts reordered to DST")
+    place.add_argument("--overwrite", action="store_true", help="with --reorder: replace a non-empty DST")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _run_experts(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .experts import ExpertStats, plan_placement, prune_folder, reorder
+    from .experts.placement import describe_plan, write_plan
+    from .experts.stats import expert_stats_main, layer_report
+
+    if args.tool == "stats":
+        stats, notes = expert_stats_main(
+            args.model, args.data, out=args.out, max_tokens=args.max_tokens, batch_size=args.batch_size,
+            max_length=args.max_length, tokenizer=args.tokenizer, load_in_4bit=args.load_in_4bit,
+            device_map=args.device_map, dtype=args.dtype, plots=not args.no_plots,
+        )  # fmt: skip
+        print(layer_report(stats))
+        print("\n".join(notes))
+        return 0
+    if args.tool == "prune":
+        print(prune_folder(
+            args.model, args.dst, stats=args.stats, keep_mass=args.keep_mass, num_experts=args.num_experts,
+            max_params=args.max_params, overwrite=args.overwrite, verify=args.verify,
+            max_shard_size=args.max_shard_size,
+        ))  # fmt: skip
+        return 0
+    if args.tool == "place":
+        stats = ExpertStats.load(args.stats)
+        if args.reorder:
+            from .experts.prune import open_native_folder
+
+            _, config, _ = open_native_folder(args.reorder[0])
+            stats.check_matches(config, model_name=args.reorder[0], stats_name=Path(args.stats).name)
+        plan = plan_placement(stats, args.devices)
+        print(describe_plan(plan))
+        print(f"wrote {write_plan(plan, args.out)}")
+        if args.reorder:
+            print(reorder(args.reorder[0], args.reorder[1], plan, overwrite=args.overwrite))
+        return 0
+    raise AssertionError(f"unhandled experts tool {args.tool}")
+
+
 def _shard_size(text: str) -> str:
     """Validate --max-shard-size while parsing, so a typo is a usage error, not a failure mid-conversion."""
     from .conversion.native.output import parse_size
@@ -122,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the versions of yuan-hf and the libraries it uses, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
+    _add_experts(sub)
     push = sub.add_parser(
         "push", help="upload a native model or adapter folder to the Hugging Face Hub",
         description="Upload only what loading needs (weights named by the index, config, tokenizer, remote code, "
@@ -200,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_convert(args)
         if args.command == "push":
             return _run_push(args)
+        if args.command == "experts":
+            return _run_experts(args)
         if args.command == "finetune":
             from .finetune import finetune_main
 
@@ -213,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(args.workdir)
             return 0
-    except (ConversionError, FileNotFoundError) as err:
+    except (ConversionError, ExpertsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     raise AssertionError(f"unhandled command {args.command}")

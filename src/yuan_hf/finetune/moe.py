@@ -62,9 +62,11 @@ def set_router_trainable(model: nn.Module, trainable: bool) -> int:
 
 
 def expert_lr_scale_value(config: PretrainedConfig, scale: ExpertLRScale) -> float:
-    """Resolve `"auto"` to `sqrt(num_experts_per_tok / num_experts)`; check a number is positive."""
+    """Resolve `"auto"` to `sqrt(num_experts_per_tok / num_experts)` (mean count over layers when they differ);
+    check a number is positive."""
     if scale == "auto":
-        return math.sqrt(config.num_experts_per_tok / config.num_experts)
+        counts = config.num_experts if isinstance(config.num_experts, list) else [config.num_experts]  # list: pruned
+        return math.sqrt(config.num_experts_per_tok / (sum(counts) / len(counts)))
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
         raise ValueError(f"expert_lr_scale must be a positive number or 'auto', got {scale!r}")
     return float(scale)

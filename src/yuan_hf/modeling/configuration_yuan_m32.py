@@ -19,7 +19,14 @@ class YuanM32Config(PretrainedConfig):
         num_key_value_heads: Key/value heads (the release has no GQA: equal to `num_attention_heads`).
         head_dim: Per-head width; the released model uses 256 = 2H / heads (attention projection 4096 = 2H).
         moe_intermediate_size: Width F of each expert's SwiGLU.
-        num_experts: Routed experts (no shared expert).
+        num_experts: Routed experts (no shared expert): one count for every layer, or a list with one count per
+            layer (a layer-adaptively pruned model, `yuan-hf experts prune`).
+        router_num_experts: Outputs of each layer's router when it differs from the layer's expert count: a pruned
+            model keeps its router whole (None: the router has one output per expert).
+        router_experts: With `router_num_experts`: per layer, the router output each remaining expert answers to
+            (its id before pruning; e.g. `[[0, 2, 5], ...]`). Yuan's attention router mixes every expert's value
+            in its E x E attention, so dropping router rows would re-route every token; keeping the router whole
+            and reading the kept experts' logits leaves the routing among them exactly as before.
         num_experts_per_tok: Experts per token (top-k).
         norm_topk_prob: Renormalise the top-k routing weights to sum to 1 (IEIT: yes).
         router_type: `"attention"` (Yuan's attention router: E x E attention over the expert axis, fp32) or
@@ -76,8 +83,10 @@ class YuanM32Config(PretrainedConfig):
         num_key_value_heads: int | None = None,
         head_dim: int = 256,
         moe_intermediate_size: int = 8192,
-        num_experts: int = 32,
+        num_experts: int | list[int] = 32,
         num_experts_per_tok: int = 2,
+        router_num_experts: int | None = None,
+        router_experts: list[list[int]] | None = None,
         norm_topk_prob: bool = True,
         router_type: str = "attention",
         max_position_embeddings: int = 16384,
@@ -106,8 +115,10 @@ class YuanM32Config(PretrainedConfig):
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         self.head_dim = head_dim
         self.moe_intermediate_size = moe_intermediate_size
-        self.num_experts = num_experts
+        self.num_experts = list(num_experts) if isinstance(num_experts, (list, tuple)) else num_experts
         self.num_experts_per_tok = num_experts_per_tok
+        self.router_num_experts = router_num_experts
+        self.router_experts = None if router_experts is None else [list(ids) for ids in router_experts]
         self.norm_topk_prob = norm_topk_prob
         self.router_type = router_type
         self.max_position_embeddings = max_position_embeddings
@@ -145,24 +156,20 @@ class YuanM32Config(PretrainedConfig):
 
         for name in (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "max_position_embeddings",
+            "head_dim", "moe_intermediate_size", "num_experts_per_tok", "max_position_embeddings",
         ):  # fmt: skip
             positive(name)
         # special-token ids outside the vocabulary are not an error here: the defaults are the release's ids, and a
         # config for a smaller vocabulary (a tiny test model, `AutoConfig.for_model("yuan_m32", vocab_size=...)`)
         # must be constructible; transformers' own config validation warns about them (5.17+), `generate` refuses
         # them (YuanM32ForCausalLM.generate), and forwards leave input ids to the embedding (no host sync).
+        self._validate_num_experts()
         if self.hidden_size % 2:
             raise ValueError(f"YuanM32Config.hidden_size must be even (the LF gate halves it), got {self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"YuanM32Config.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
-            )
-        if self.num_experts_per_tok > self.num_experts:
-            raise ValueError(
-                f"YuanM32Config.num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
-                f"({self.num_experts})"
             )
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"YuanM32Config.router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
@@ -212,6 +219,57 @@ class YuanM32Config(PretrainedConfig):
                 if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < self.vocab_size):
                     outside[name] = ids
         return outside
+
+    def _validate_num_experts(self) -> None:
+        """`num_experts`: a positive int, or one positive int per layer; every layer has at least top-k experts."""
+        counts = self.num_experts
+        if isinstance(counts, list):
+            if len(counts) != self.num_hidden_layers:
+                raise ValueError(
+                    f"YuanM32Config.num_experts has {len(counts)} per-layer counts but num_hidden_layers is "
+                    f"{self.num_hidden_layers}; give one count per layer, or a single int"
+                )
+        elif not isinstance(counts, int) or isinstance(counts, bool) or counts <= 0:
+            raise ValueError(
+                f"YuanM32Config.num_experts must be a positive integer or a list of one per layer, got {counts!r}"
+            )
+        for layer, count in enumerate(self.experts_per_layer):
+            where = f"num_experts[{layer}] (layer {layer})" if isinstance(counts, list) else "num_experts"
+            if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+                raise ValueError(f"YuanM32Config.{where} must be a positive integer, got {count!r}")
+            if self.num_experts_per_tok > count:
+                raise ValueError(
+                    f"YuanM32Config.num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed {where} ({count})"
+                )
+        if (self.router_num_experts is None) != (self.router_experts is None):
+            raise ValueError(
+                "YuanM32Config.router_num_experts and router_experts go together (a pruned model's whole router and "
+                f"the outputs its experts answer to), got {self.router_num_experts!r} and {self.router_experts!r}"
+            )
+        if self.router_experts is None:
+            return
+        width = self.router_num_experts
+        if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+            raise ValueError(f"YuanM32Config.router_num_experts must be a positive integer, got {width!r}")
+        if len(self.router_experts) != self.num_hidden_layers:
+            raise ValueError(
+                f"YuanM32Config.router_experts has {len(self.router_experts)} layers but num_hidden_layers is "
+                f"{self.num_hidden_layers}"
+            )
+        for layer, (ids, count) in enumerate(zip(self.router_experts, self.experts_per_layer)):
+            valid = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < width for i in ids)
+            if len(ids) != count or not valid or len(set(ids)) != len(ids):
+                raise ValueError(
+                    f"YuanM32Config.router_experts[{layer}] (layer {layer}) must list {count} distinct router outputs "
+                    f"in [0, router_num_experts={width}) (one per expert of the layer), got {ids!r}"
+                )
+
+    @property
+    def experts_per_layer(self) -> list[int]:
+        """The routed-expert count of each layer (`num_experts` repeated, or the per-layer list)."""
+        if isinstance(self.num_experts, list):
+            return list(self.num_experts)
+        return [self.num_experts] * self.num_hidden_layers
 
     @property
     def rotary_dim(self) -> int:

@@ -40,11 +40,15 @@ def check_parallel_sizes(config, distributed_config) -> None:
                     f"{', '.join(str(d) for d in range(2, heads + 1) if heads % d == 0)}), or set tp_plan={{}} and "
                     "shard the experts with ep_size alone."
                 )
-    if ep_size > 1 and config.num_experts % ep_size:
-        raise ValueError(
-            f"Yuan 2.0-M32 expert parallelism gives every rank the same number of whole experts: ep_size {ep_size} "
-            f"does not divide num_experts {config.num_experts}. Use an ep_size that divides {config.num_experts}."
-        )
+    if ep_size > 1:
+        counts = config.num_experts
+        for layer, count in enumerate(counts if isinstance(counts, list) else [counts]):
+            if count % ep_size:
+                field = f"num_experts[{layer}] (layer {layer})" if isinstance(counts, list) else "num_experts"
+                raise ValueError(
+                    "Yuan 2.0-M32 expert parallelism gives every rank the same number of whole experts: ep_size "
+                    f"{ep_size} does not divide {field} {count}. Use an ep_size that divides every layer's expert count."
+                )
 
 
 class YuanM32ExpertElsewhere(nn.Module):
@@ -69,9 +73,10 @@ def _expert_parallel_api() -> bool:
 
 
 def prepare_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int) -> None:
-    """Keep this rank's experts in every `mlp.experts` of `model` (experts `[r * E/n, (r + 1) * E/n)`), before the
-    weights load, and make the experts' forward take local expert ids as transformers' EP implementations pass
-    them: `0 .. E/n - 1` for this rank's experts and `E/n` (weight 0) for a route to another rank's expert.
+    """Keep this rank's experts in every `mlp.experts` of `model` (experts `[r * E/n, (r + 1) * E/n)` of a layer
+    with E experts), before the weights load, and make the experts' forward take local expert ids as transformers'
+    EP implementations pass them: `0 .. E/n - 1` for this rank's experts and `E/n` (weight 0) for a route to
+    another rank's expert.
 
     The checkpoint tensors of the other experts are added to `model._keys_to_ignore_on_load_unexpected`.
     """
@@ -83,29 +88,32 @@ def prepare_expert_parallel(model: nn.Module, ep_rank: int, ep_size: int) -> Non
             f"experts with local ids); transformers {transformers.__version__} is installed. Upgrade, or use "
             "tensor parallelism (DistributedConfig(tp_size=...)), which also splits the experts."
         )
-    num_experts = model.config.num_experts
-    per_rank = num_experts // ep_size
-    first = ep_rank * per_rank
-    owned = range(first, first + per_rank)
-    elsewhere = [e for e in range(num_experts) if e not in owned]
+    ignored = []
     for name, module in model.named_modules():
-        if not name.endswith("mlp.experts") or getattr(module, "num_experts", None) == per_rank:
+        if not name.endswith("mlp.experts") or getattr(module, "_yuan_expert_parallel", False):
             continue
+        num_experts = len(module)  # this layer's count (pruned models differ per layer)
+        per_rank = num_experts // ep_size
+        first = ep_rank * per_rank
+        elsewhere = [e for e in range(num_experts) if not first <= e < first + per_rank]
         for e in elsewhere:
             module[e] = YuanM32ExpertElsewhere(model.config.hidden_size)
         module.num_experts = per_rank  # what transformers' EP implementations read: the experts on this rank
         module.forward = _local_ids_forward(module.forward, first, per_rank, elsewhere[0])
-    pattern = rf"(^|\.)layers\.\d+\.mlp\.experts\.({'|'.join(map(str, elsewhere))})\."
-    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {pattern}
-    model.save_pretrained = _refuse_partial_save(owned)
+        module._yuan_expert_parallel = True
+        layer = name.split(".")[-3]  # ...layers.<i>.mlp.experts
+        ignored.append(rf"(^|\.)layers\.{layer}\.mlp\.experts\.({'|'.join(map(str, elsewhere))})\.")
+    model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | set(ignored)
+    model.save_pretrained = _refuse_partial_save(ep_rank, ep_size)
 
 
-def _refuse_partial_save(owned: range):
+def _refuse_partial_save(ep_rank: int, ep_size: int):
     def save_pretrained(*args, **kwargs):
         raise NotImplementedError(
-            f"This model was loaded with expert parallelism: this rank holds experts {owned.start}..{owned.stop - 1} "
-            "only, so save_pretrained would write a checkpoint without the others. Save from a model loaded without "
-            "ep_size (tensor-parallel models gather their shards when saving), or save adapters with PEFT."
+            f"This model was loaded with expert parallelism: rank {ep_rank} holds only its share (1/{ep_size}) of "
+            "each layer's experts, so save_pretrained would write a checkpoint without the others. Save from a model "
+            "loaded without ep_size (tensor-parallel models gather their shards when saving), or save adapters with "
+            "PEFT."
         )
 
     return save_pretrained

@@ -292,11 +292,18 @@ class YuanM32Attention(nn.Module):
 
 
 class YuanM32Router(nn.Module):
-    """Shared top-k routing: `softmax(logits) -> top-k -> renormalise` (= Megatron's top-k then softmax)."""
+    """Shared top-k routing: `softmax(logits) -> top-k -> renormalise` (= Megatron's top-k then softmax).
 
-    def __init__(self, config: YuanM32Config):
+    A pruned layer keeps its router whole (`router_width` outputs) and routes among the remaining experts' logits
+    (`expert_ids`, from `config.router_experts`): the top-k among them, renormalised, is what the unpruned model
+    computes whenever its top-k holds no removed expert.
+    """
+
+    def __init__(self, config: YuanM32Config, layer_idx: int):
         super().__init__()
-        self.num_experts = config.num_experts
+        self.num_experts = config.experts_per_layer[layer_idx]
+        self.router_width = config.router_num_experts or self.num_experts
+        self.expert_ids = None if config.router_experts is None else config.router_experts[layer_idx]
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
 
@@ -305,7 +312,9 @@ class YuanM32Router(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden_states: [T, H] -> router_logits [T, E] fp32, weights [T, k] (hidden dtype), expert ids [T, k]."""
-        router_logits = self.compute_logits(hidden_states)
+        router_logits = self.compute_logits(hidden_states)  # [T, router_width]
+        if self.expert_ids is not None:  # [T, router_width] -> [T, E]: the logits of this layer's experts
+            router_logits = router_logits[:, torch.as_tensor(self.expert_ids, device=router_logits.device)]
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -313,17 +322,24 @@ class YuanM32Router(nn.Module):
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
+def router_dtype() -> torch.dtype:
+    """The router's parameter dtype at construction: fp32 under a 16-bit default dtype (from_config / __init__ under
+    dtype=bf16 too, as in-tree models with `_keep_in_fp32_modules_strict` do), the default otherwise (an fp64 model
+    keeps an fp64 router, as from_pretrained(dtype=float64) loads it)."""
+    default = torch.get_default_dtype()
+    return torch.float32 if torch.finfo(default).bits < 32 else default
+
+
 class YuanM32AttentionRouter(YuanM32Router):
     """Yuan's attention router, in fp32: three H -> E projections, then per token an E x E attention
     `A = softmax_j(q_i * k_j)` (no scaling) and `logits_i = sum_j A_ij v_j`."""
 
-    def __init__(self, config: YuanM32Config):
-        super().__init__(config)
-        # fp32 whatever the default dtype (from_config / __init__ under dtype=bf16 too), as in-tree models with
-        # `_keep_in_fp32_modules_strict` do; from_pretrained keeps it fp32 through that list
-        self.query = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
-        self.key = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
-        self.value = nn.Linear(config.hidden_size, config.num_experts, bias=False, dtype=torch.float32)
+    def __init__(self, config: YuanM32Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        dtype = router_dtype()  # from_pretrained also keeps it fp32 through `_keep_in_fp32_modules_strict`
+        self.query = nn.Linear(config.hidden_size, self.router_width, bias=False, dtype=dtype)
+        self.key = nn.Linear(config.hidden_size, self.router_width, bias=False, dtype=dtype)
+        self.value = nn.Linear(config.hidden_size, self.router_width, bias=False, dtype=dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states.to(self.query.weight.dtype)  # fp32 unless the whole model was cast
@@ -337,9 +353,9 @@ class YuanM32AttentionRouter(YuanM32Router):
 class YuanM32LinearRouter(YuanM32Router):
     """The classic softmax gate (`router_type="linear"`), for ablations and other checkpoints."""
 
-    def __init__(self, config: YuanM32Config):
-        super().__init__(config)
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
+    def __init__(self, config: YuanM32Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.weight = nn.Parameter(torch.empty(self.router_width, config.hidden_size, dtype=router_dtype()))
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states.to(self.weight.dtype), self.weight).float()
@@ -367,8 +383,8 @@ class YuanM32Experts(nn.ModuleList):
     sort-based dispatch: one sort of the token-expert pairs, one host sync per layer for the group sizes,
     contiguous slices per expert, one weighted scatter-add back. No one-hot masks, no sync per expert."""
 
-    def __init__(self, config: YuanM32Config):
-        super().__init__([YuanM32MLP(config) for _ in range(config.num_experts)])
+    def __init__(self, config: YuanM32Config, num_experts: int):
+        super().__init__([YuanM32MLP(config) for _ in range(num_experts)])
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -389,12 +405,13 @@ class YuanM32Experts(nn.ModuleList):
 
 
 class YuanM32SparseMoeBlock(nn.Module):
-    """Router + experts, top-2 of 32, no shared expert, no capacity limit."""
+    """Router + experts, top-2 of 32, no shared expert, no capacity limit. A pruned model has fewer experts in
+    some layers (`config.num_experts` per layer): router and experts take this layer's count."""
 
-    def __init__(self, config: YuanM32Config):
+    def __init__(self, config: YuanM32Config, layer_idx: int):
         super().__init__()
-        self.gate = ROUTER_CLASSES[config.router_type](config)
-        self.experts = YuanM32Experts(config)
+        self.gate = ROUTER_CLASSES[config.router_type](config, layer_idx)
+        self.experts = YuanM32Experts(config, config.experts_per_layer[layer_idx])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
@@ -407,7 +424,7 @@ class YuanM32DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: YuanM32Config, layer_idx: int):
         super().__init__()
         self.self_attn = YuanM32Attention(config, layer_idx)
-        self.mlp = YuanM32SparseMoeBlock(config)
+        self.mlp = YuanM32SparseMoeBlock(config, layer_idx)
         self.input_layernorm = YuanM32RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = YuanM32RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -482,8 +499,9 @@ class YuanM32PreTrainedModel(PreTrainedModel):
                 if model_type == "yuan":
                     raise ValueError(
                         f"{pretrained_model_name_or_path} is IEIT's original HF layout (model_type 'yuan'). Convert it "
-                        "once with `pip install yuan-hf` and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` "
-                        "first, which converts it on the fly."
+                        "once with yuan-hf (install it from its repository: `pip install -e PATH/TO/yuan-hf`, not "
+                        "published on PyPI) and `yuan-hf convert ieit-hf SRC DST`, or `import yuan_hf` first, which "
+                        "converts it on the fly."
                     )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
@@ -665,6 +683,22 @@ def chunked_causal_lm_loss(
     return total / num_items_in_batch
 
 
+def load_balancing_aux_loss(
+    router_logits: tuple[torch.Tensor, ...], config: YuanM32Config, padding_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Mixtral's load-balancing loss (router_logits: one [T, E_l] per layer). Mixtral pools all layers, which needs
+    one expert count; a pruned model's layers are pooled per count and the groups averaged, weighted by layers.
+    With one count everywhere this is exactly Mixtral's loss."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for logits, count in zip(router_logits, config.experts_per_layer):
+        groups.setdefault(count, []).append(logits)
+    return sum(
+        len(layers) / len(router_logits)
+        * load_balancing_loss_func(tuple(layers), count, config.num_experts_per_tok, padding_mask)
+        for count, layers in groups.items()
+    )
+
+
 class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -764,9 +798,7 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         aux_loss = None
         if output_router_logits:
             padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
-            aux_loss = load_balancing_loss_func(
-                outputs.router_logits, self.config.num_experts, self.config.num_experts_per_tok, padding_mask
-            )
+            aux_loss = load_balancing_aux_loss(outputs.router_logits, self.config, padding_mask)
             if labels is not None and self.config.router_aux_loss_coef > 0:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 
