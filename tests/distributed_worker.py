@@ -37,7 +37,8 @@ NEW_TOKENS = 6
 
 
 def load(name: str, distributed_config=None):
-    return AutoModelForCausalLM.from_pretrained(os.path.join(FOLDERS, name), distributed_config=distributed_config, **LOAD)
+    folder = os.path.join(FOLDERS, name)
+    return AutoModelForCausalLM.from_pretrained(folder, distributed_config=distributed_config, **LOAD)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

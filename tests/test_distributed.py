@@ -168,7 +168,8 @@ def test_fsdp2_lora_training_equals_single_process(package_run):
     for rank_result in package_run:
         result = rank_result["fsdp_lora"]
         # one unit per decoder layer (the MoE block inside it, not a unit of its own) and the root
-        assert sorted(result["fsdp_units"]) == ["", "base_model.model.model.layers.0", "base_model.model.model.layers.1"]
+        layers = ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]
+        assert sorted(result["fsdp_units"]) == ["", *layers]
         assert len(result["fsdp_losses"]) == 3 and result["fsdp_losses"][-1] < result["fsdp_losses"][0]
         torch.testing.assert_close(result["fsdp_losses"], result["reference_losses"], rtol=0, atol=1e-5)
         assert result["adapter_keys_equal"] and result["adapter_tensors"] > 0
@@ -259,6 +260,6 @@ def test_plans_name_modules_of_the_release_model():
     assert not any("lf_gate" in rule or "mlp.gate" in rule for plan in plans.values() for rule in plan)
     assert config.base_model_ep_plan == {"layers.*.mlp.experts": "ep_dispatch_experts"}
     expected = {"lm_head": "colwise_gather_output", **{f"model.{k}": v for k, v in plans["tp"].items()}}
-    # transformers adds a vocabulary-parallel embedding rule (tied with the colwise LM head), where depends on the release
+    # transformers adds a vocabulary-parallel embedding rule (tied with the colwise LM head) where its release does
     without_embeddings = {k: v for k, v in model._tp_plan.items() if k != "model.embed_tokens"}
     assert without_embeddings == {k: v for k, v in expected.items() if k != "model.embed_tokens"}

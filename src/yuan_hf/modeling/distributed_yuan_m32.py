@@ -22,7 +22,8 @@ from torch import nn
 
 def _tp_splits_heads(distributed_config) -> bool:
     """Whether TP rules apply at all: `tp_plan={}` asks for none (EP alone across the TP ranks)."""
-    return (getattr(distributed_config, "tp_size", None) or 1) > 1 and getattr(distributed_config, "tp_plan", None) != {}
+    tp_size = getattr(distributed_config, "tp_size", None) or 1
+    return tp_size > 1 and getattr(distributed_config, "tp_plan", None) != {}
 
 
 def check_parallel_sizes(config, distributed_config) -> None:
@@ -47,7 +48,8 @@ def check_parallel_sizes(config, distributed_config) -> None:
                 field = f"num_experts[{layer}] (layer {layer})" if isinstance(counts, list) else "num_experts"
                 raise ValueError(
                     "Yuan 2.0-M32 expert parallelism gives every rank the same number of whole experts: ep_size "
-                    f"{ep_size} does not divide {field} {count}. Use an ep_size that divides every layer's expert count."
+                    f"{ep_size} does not divide {field} {count}. Use an ep_size that divides every layer's expert "
+                    "count."
                 )
 
 
