@@ -37,6 +37,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_yuan_m32 import YuanM32Config
+from .distributed_yuan_m32 import distribute_yuan_model
 from .transformers_compat import (
     CACHE_FIELD,
     cache_kwargs,
@@ -533,6 +534,15 @@ class YuanM32PreTrainedModel(PreTrainedModel):
                         "converts it on the fly."
                     )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager=None, *args, **kwargs):
+        """transformers' hook between building the model (on meta) and reading the weights, reached by every
+        `from_pretrained(..., distributed_config=...)` (and the older `tp_plan=` / `tp_size=`): the place to refuse
+        sizes that do not divide the heads or experts before any weight loads, and to keep this rank's experts."""
+        if distributed_config is not None:
+            distribute_yuan_model(model, distributed_config, mesh_manager)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
