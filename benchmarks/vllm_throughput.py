@@ -110,13 +110,16 @@ def run_vllm(args) -> dict:
 
 
 def timed_runs(args, generate, setup_s: float) -> dict:
+    from bench_utils import cpu_snapshot, other_cpu_share
+
     generate(prompts(args, 1)[:1])  # warm-up (not timed)
     results = {"setup_s": setup_s, "batches": {}}
     for batch in args.batches:
-        start = time.perf_counter()
+        snapshot, start = cpu_snapshot(), time.perf_counter()
         tokens = generate(prompts(args, batch))
         seconds = time.perf_counter() - start
-        results["batches"][str(batch)] = {"seconds": seconds, "tokens": tokens}
+        # share of the machine's CPUs other processes used meanwhile: 0 on an idle machine (this one is shared)
+        results["batches"][str(batch)] = {"seconds": seconds, "tokens": tokens, "other_cpu": other_cpu_share(snapshot)}
     return results
 
 
@@ -156,16 +159,17 @@ def main(argv=None) -> None:
         f"{transformers.__version__}, vllm {vllm_module.__version__}; {os.cpu_count()} logical CPUs; vLLM engine "
         f"start {vllm['setup_s']:.1f} s ({'CUDA graphs' if args.cuda_graphs else 'eager'})"
     )
-    print("| batch | yuan_hf generate tok/s | vLLM tok/s | vLLM / HF | parity (sequences equal) |")
-    print("|---|---|---|---|---|")
+    print("| batch | yuan_hf generate tok/s | vLLM tok/s | vLLM / HF | parity (seqs equal) | other CPU use HF / vLLM |")
+    print("|---|---|---|---|---|---|")
     rows = {}
     for batch in map(str, args.batches):
         h, v = hf["batches"][batch], vllm["batches"][batch]
         generated = int(batch) * args.new_tokens
         hf_tps, vllm_tps = generated / h["seconds"], generated / v["seconds"]
         equal = sum(a == b for a, b in zip(h["tokens"], v["tokens"]))
+        busy = f"{h.get('other_cpu', float('nan')):.0%} / {v.get('other_cpu', float('nan')):.0%}"
         rows[batch] = {"hf_tok_s": hf_tps, "vllm_tok_s": vllm_tps, "ratio": vllm_tps / hf_tps, "parity": equal}
-        print(f"| {batch} | {hf_tps:.2f} | {vllm_tps:.2f} | {vllm_tps / hf_tps:.2f}x | {equal}/{batch} |")
+        print(f"| {batch} | {hf_tps:.2f} | {vllm_tps:.2f} | {vllm_tps / hf_tps:.2f}x | {equal}/{batch} | {busy} |")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
 

@@ -5,7 +5,10 @@
 #   2. the compatibility subset (`-m compat`: IEIT parity incl. cached greedy, every generation path against
 #      uncached forwards for the package and the remote-code copy, remote-code load, QLoRA steps) on the newest
 #      patch of every minor release in between,
-#   3. the full suite on the newest 5.x release on PyPI (checked, not assumed).
+#   3. the vLLM plugin's tests in their own venv (scripts/test_vllm.sh: vLLM pins an older transformers;
+#      YUAN_HF_SKIP_VLLM=1 skips this step),
+#   4. the full suite on the newest 5.x release on PyPI (checked, not assumed), last, so the output ends with
+#      pytest's summary line.
 # One venv (.venv-test) is reused: transformers is swapped in place with pip, which also moves its pinned
 # dependencies (5.17 needs huggingface-hub < 2). CPU torch is installed first so pip never pulls a CUDA build.
 # Environment: PYTHON (default python3), TRANSFORMERS_MINORS="5.18 5.20" to restrict the middle of the train.
@@ -56,4 +59,8 @@ run() {  # run VERSION [pytest args...]
 
 run "$floor"
 for v in "${middle[@]}"; do run "$v" -m compat; done
+if [[ -z ${YUAN_HF_SKIP_VLLM:-} ]]; then
+  echo "== vLLM plugin (scripts/test_vllm.sh)"
+  bash scripts/test_vllm.sh
+fi
 run "$newest"

@@ -287,7 +287,7 @@ def test_qlora_quantizes_the_experts_and_keeps_router_and_lf_gate(tiny_checkpoin
         assert name == "lm_head" or ".mlp.gate." in name, name
         assert model.get_submodule(name).weight.dtype == torch.float32
     conv = model.model.layers[0].self_attn.lf_gate.conv1
-    assert type(conv) is nn.Conv1d and conv.weight.dtype == torch.float32
+    assert isinstance(conv, nn.Conv1d) and conv.weight.dtype == torch.float32  # not quantized
     # 4-bit storage: two weights per byte, plus block scales
     quantized_params = sum(full.get_submodule(n).weight.numel() for n in expected)
     for name in expected:

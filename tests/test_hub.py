@@ -35,13 +35,18 @@ REMOTE_ONLY = textwrap.dedent(
 )
 
 
-def logits_without_package(folder: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+def run_without_package(script: str, folder: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """Run `script FOLDER IDS OUT` in a fresh interpreter that cannot import yuan_hf; return the tensor it saved."""
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HOME"] = str(tmp_path / "hf_home")  # a fresh modules cache
-    subprocess.run([sys.executable, "-c", REMOTE_ONLY, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+    subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
                    check=True, env=env, cwd=tmp_path)  # fmt: skip
     return torch.load(tmp_path / "out.pt")
+
+
+def logits_without_package(folder: Path, ids: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    return run_without_package(REMOTE_ONLY, folder, ids, tmp_path)
 
 
 @pytest.mark.compat
@@ -130,3 +135,23 @@ def test_ieit_folder_without_adapter_points_to_the_converter(monkeypatch):
     monkeypatch.setattr(yuan_hf.YuanM32PreTrainedModel, "_source_adapters", [])
     with pytest.raises(ValueError, match="yuan-hf convert ieit-hf"):
         YuanM32ForCausalLM.from_pretrained(fixtures_dir() / "yuan_m32_tiny" / "ieit_hf")
+
+
+def test_ieit_folder_loads_through_the_auto_classes_after_import(tmp_path, monkeypatch):
+    """IEIT's layout (model_type 'yuan', IEIT's own auto_map) loads with AutoModelForCausalLM / AutoModel without
+    trust_remote_code: the Auto classes route it through the on-the-fly converter, never to IEIT's code."""
+    from transformers import AutoConfig, AutoModel
+
+    from yuan_hf.conversion.writers import make_ieit_checkpoint
+
+    monkeypatch.setenv("YUAN_HF_CACHE", str(tmp_path / "cache"))
+    src = make_ieit_checkpoint(tmp_path / "ieit", config=tiny_config())
+    assert "AutoModelForCausalLM" in json.loads((src / "config.json").read_text())["auto_map"]
+    assert AutoConfig.from_pretrained(src).model_type == "yuan"
+    auto = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    direct = YuanM32ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert type(auto) is YuanM32ForCausalLM
+    ids = torch.randint(6, 500, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, direct(ids).logits)
+    assert type(AutoModel.from_pretrained(src)).__name__ == "YuanM32Model"

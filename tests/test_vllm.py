@@ -182,6 +182,27 @@ def test_tokens_do_not_depend_on_the_batch(engine, hf_greedy):
 
 
 @needs_vllm
+def test_layer_adaptively_pruned_model_equals_hf_generate(tmp_path):
+    """Per-layer expert counts with the router kept whole (what `yuan-hf experts prune` writes)."""
+    from yuan_hf.modeling import YuanM32ForCausalLM
+    from yuan_hf.testing import tiny_model
+
+    path = tmp_path / "pruned"
+    tiny_model(seed=0, num_experts=[8, 5], router_num_experts=8, router_experts=[list(range(8)), [0, 2, 3, 6, 7]]
+               ).save_pretrained(path)  # fmt: skip
+    hf = YuanM32ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [random_prompt(n, seed=500 + n) for n in (4, 70)]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)  # fmt: skip
+        expected.append(out[0, len(prompt) :].tolist())
+    assert tokens(vllm_greedy(make_engine(path), prompts)) == expected
+
+
+@needs_vllm
 def test_router_runs_in_fp32(engine):
     def router_dtypes(model):
         gate = model.model.layers[0].mlp.gate

@@ -156,7 +156,8 @@ def test_completions_equal_yuan_hf_greedy(server, reference):
 def test_chat_with_yuans_template_equals_yuan_hf_greedy(server, reference):
     tokenizer, greedy = reference
     messages = [{"role": "user", "content": "w20 w21 w22"}]
-    body = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True})  # fmt: skip
+    request = {"messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    body = post(server, "/v1/chat/completions", request)
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert prompt_ids["input_ids"][-1] == tokenizer.sep_token_id  # Yuan's template: prompt<sep>, answer follows
     expected = greedy(list(prompt_ids["input_ids"]), 6)

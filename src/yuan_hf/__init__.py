@@ -1,11 +1,21 @@
 """yuan-hf: IEIT's Yuan 2.0-M32 as a native Hugging Face transformers 5 model.
 
-Importing the package registers ``model_type="yuan_m32"`` with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM``. On a transformers release outside the tested range it logs one warning naming
-``yuan-hf doctor``.
+Importing the package registers ``model_type="yuan_m32"`` with ``AutoConfig``, ``AutoModel``,
+``AutoModelForCausalLM`` and the sequence / token classification and question answering Auto classes, and
+makes IEIT's original layout (``model_type="yuan"``) load through them by converting it once. On a
+transformers release outside the tested range it logs one warning naming ``yuan-hf doctor``.
 """
 
-from .modeling import YuanM32Config, YuanM32ForCausalLM, YuanM32Model, YuanM32PreTrainedModel, YuanM32QuantizedCache
+from .modeling import (
+    YuanM32Config,
+    YuanM32ForCausalLM,
+    YuanM32ForQuestionAnswering,
+    YuanM32ForSequenceClassification,
+    YuanM32ForTokenClassification,
+    YuanM32Model,
+    YuanM32PreTrainedModel,
+    YuanM32QuantizedCache,
+)
 from .registration import register
 from .support import warn_if_untested
 
@@ -14,4 +24,14 @@ __version__ = "0.1.0"
 register()
 warn_if_untested()
 
-__all__ = ["YuanM32Config", "YuanM32ForCausalLM", "YuanM32Model", "YuanM32PreTrainedModel", "YuanM32QuantizedCache", "register"]
+__all__ = [
+    "YuanM32Config",
+    "YuanM32ForCausalLM",
+    "YuanM32ForQuestionAnswering",
+    "YuanM32ForSequenceClassification",
+    "YuanM32ForTokenClassification",
+    "YuanM32Model",
+    "YuanM32PreTrainedModel",
+    "YuanM32QuantizedCache",
+    "register",
+]

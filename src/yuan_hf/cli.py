@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("overrides", nargs="*", help="recipe values to override, e.g. data.train_file=my.jsonl")
     demo = sub.add_parser("demo", help="the main job on built-in tiny random weights (no downloads)")
     demo.add_argument("--workdir", default=None, help="keep the produced folders here (default: a temp dir)")
+    serve = sub.add_parser(
+        "serve", add_help=False,
+        help="transformers' OpenAI-compatible server (`transformers serve`) with Yuan registered; every argument is "
+        "passed on, e.g. `yuan-hf serve DIR --host 127.0.0.1 --port 8000` (`yuan-hf serve --help` lists them)",
+    )  # fmt: skip
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     sub.add_parser(
         "doctor",
         help="print the installed versions and attention backends and run a few-second self-check on a tiny model; "
@@ -299,6 +305,11 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # everything after it, --help included, belongs to `transformers serve`
+        from .serve import serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "convert":

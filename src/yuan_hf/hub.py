@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from .conversion.common import ConversionError, read_weight_index
+from .parameters import count_parameters
 
 REMOTE_CODE_FILES = ("configuration_yuan_m32.py", "modeling_yuan_m32.py")
 SINGLE_WEIGHTS = "model.safetensors"
@@ -51,6 +52,9 @@ class HubError(ValueError):
 
 CARD_TEMPLATE = """---
 license: {license}
+{license_details}{base_model}language:
+- zh
+- en
 library_name: transformers
 pipeline_tag: text-generation
 tags:
@@ -450,6 +454,11 @@ def _plan_adapter(folder: Path) -> tuple[list[UploadFile], list[str], set[str]]:
 # Model card: generated, or the user's own with only the license field changed
 
 
+# IEIT's repository of each source layout (the card's `base_model`), and its model license (`license: other`).
+BASE_MODELS = {"ieit_hf": "IEIT-Yuan/Yuan2-M32-hf", "megatron": "IEIT-Yuan/Yuan2-M32"}
+YUAN_LICENSE = "license_name: yuan2-license\nlicense_link: https://github.com/IEIT-Yuan/Yuan-2.0/blob/main/LICENSE-Yuan\n"
+
+
 def render_model_card(
     folder: str | os.PathLike,
     *,
@@ -464,11 +473,16 @@ def render_model_card(
         provenance = _read_json(_inside(folder, PROVENANCE_FILE))
     provenance = dict(provenance or {"source_format": "unknown"})
     shapes = _headers(folder, _weight_names(folder))
-    num_params = sum(math.prod(shape) for shape in shapes.values())
+    counts = count_parameters(
+        ((name, math.prod(shape)) for name, shape in shapes.items()), top_k=config.get("num_experts_per_tok") or 1
+    )
+    base_model = BASE_MODELS.get(str(provenance.get("source_format")))
     return CARD_TEMPLATE.format(
         license=license,
+        license_details=YUAN_LICENSE if license == "other" else "",
+        base_model=f"base_model: {base_model}\n" if base_model else "",
         title=repo_id.split("/")[-1] if repo_id else folder.name,
-        params=f"{num_params / 1e9:.2f}B parameters" if num_params >= 1e8 else f"{num_params:,} parameters",
+        params=counts.describe(),
         experts=config.get("num_experts"),
         topk=config.get("num_experts_per_tok"),
         repo=repo_id or str(folder),

@@ -2,20 +2,26 @@
 
 The model's Linear layers (DESIGN.md section 5): attention `self_attn.{q,k,v,o}_proj`, per-expert SwiGLU
 `mlp.experts.{e}.{gate,up,down}_proj`, the attention router `mlp.gate.{query,key,value}` (fp32, H -> E) and
-`lm_head` (tied to the embeddings). The LF gate is two `nn.Conv1d`. Presets never touch the router or `lm_head`
-unless asked: the router is small, fp32 and decides which experts see which tokens (changing it through a
-low-rank update is rarely what one wants), and an adapter on a tied `lm_head` would untie it (TRL's fused LM head
-also rejects it).
+`lm_head` (tied to the embeddings). The LF gate is two `nn.Conv1d` (`self_attn.lf_gate.conv1` / `conv2`): PEFT's
+LoRA and DoRA for Conv1d adapt them when named (`extra_target_modules=("conv1", "conv2")`). Presets never touch
+the router or `lm_head` unless asked: the router is small, fp32 and decides which experts see which tokens
+(changing it through a low-rank update is rarely what one wants), and an adapter on a tied `lm_head` would untie
+it (TRL's fused LM head also rejects it). PEFT's `target_modules="all-linear"` has no per-model exclusion list:
+it adapts the router too unless `exclude_modules=ROUTER_TARGETS` is passed (`validate_lora_targets` warns).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 LoraPreset = Literal["attention", "experts", "all"]
 RouterMode = Literal["frozen", "lora", "full"]
@@ -97,7 +103,10 @@ def validate_lora_targets(model: nn.Module, config: LoraConfig) -> None:
     """
     names = [name for name, _ in model.named_modules() if name]
     targets = config.target_modules
-    if isinstance(targets, str):  # a regex string: it must match something as a whole
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # PEFT's shorthand: every Linear but the head
+        _warn_if_all_linear_adapts_the_router(names, config)
+        missing = []
+    elif isinstance(targets, str):  # a regex string: it must match something as a whole
         missing = [] if any(check_target_module_exists(config, name) for name in names) else [targets]
     else:
         missing = []
@@ -117,6 +126,28 @@ def validate_lora_targets(model: nn.Module, config: LoraConfig) -> None:
             f"{linear_leaves}. Fix the names (presets: {tuple(LORA_PRESETS)}; the attention router is "
             f"{ROUTER_TARGETS}, a linear router has no Linear to adapt: use router='full')."
         )
+
+
+def _warn_if_all_linear_adapts_the_router(names: list[str], config: LoraConfig) -> None:
+    router = [name for name in names if name.endswith(ROUTER_TARGETS)]
+    if not router:
+        return
+    kept = [name for name in router if not _excluded(config.exclude_modules, name)]
+    if kept:
+        logger.warning(
+            f"target_modules='all-linear' puts LoRA on the fp32 attention router too ({len(kept)} Linears such as "
+            f"{kept[0]}); the yuan-hf presets keep it frozen. Pass exclude_modules={list(ROUTER_TARGETS)} to leave it "
+            "out, or use lora_config('all') (router='lora' to adapt it on purpose)."
+        )
+
+
+def _excluded(exclude_modules: str | Sequence[str] | None, name: str) -> bool:
+    """PEFT's `exclude_modules` rule: a regex string matches the whole name; a list entry matches it or a suffix."""
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in exclude_modules)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> PeftModel:

@@ -34,6 +34,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import is_torch_bf16_gpu_available, logging
 
 from .checkpoints import TRAINER_STATE, checkpoint_problem, list_checkpoints, newest_complete_checkpoint
@@ -389,7 +390,13 @@ def run_recipe(recipe: Recipe, *, callbacks: Sequence[TrainerCallback] = ()) -> 
         callbacks=list(callbacks) or None,
     )
     probe = (eval_dataset or train_dataset).rows[: data.probe_rows]
-    loss_before = probe_loss(trainer.model, probe, collator)  # the base model (+ fresh adapter), also on resume
+    if is_deepspeed_zero3_enabled():
+        # ZeRO-3 partitions the weights at load time and only the engine that train() builds gathers them for a
+        # forward: before it there is no forward that fits (gathering all weights is the whole model per GPU)
+        logger.warning("DeepSpeed ZeRO-3: no probe loss before training (the weights are partitioned until train())")
+        loss_before = float("nan")
+    else:
+        loss_before = probe_loss(trainer.model, probe, collator)  # the base model (+ fresh adapter), also on resume
     if resume is not None:
         logger.info(f"resuming from {resume}: weights, optimizer, scheduler, data position and RNG states")
     result = trainer.train(resume_from_checkpoint=resume)

@@ -2,6 +2,22 @@
 
 from .cache_yuan_m32 import YuanM32QuantizedCache
 from .configuration_yuan_m32 import YuanM32Config
-from .modeling_yuan_m32 import YuanM32ForCausalLM, YuanM32Model, YuanM32PreTrainedModel
+from .modeling_yuan_m32 import (
+    YuanM32ForCausalLM,
+    YuanM32ForQuestionAnswering,
+    YuanM32ForSequenceClassification,
+    YuanM32ForTokenClassification,
+    YuanM32Model,
+    YuanM32PreTrainedModel,
+)
 
-__all__ = ["YuanM32Config", "YuanM32ForCausalLM", "YuanM32Model", "YuanM32PreTrainedModel", "YuanM32QuantizedCache"]
+__all__ = [
+    "YuanM32Config",
+    "YuanM32ForCausalLM",
+    "YuanM32ForQuestionAnswering",
+    "YuanM32ForSequenceClassification",
+    "YuanM32ForTokenClassification",
+    "YuanM32Model",
+    "YuanM32PreTrainedModel",
+    "YuanM32QuantizedCache",
+]

@@ -53,6 +53,9 @@ class YuanM32Config(PretrainedConfig):
     model_type = "yuan_m32"
     keys_to_ignore_at_inference = ["past_key_values"]
 
+    # Multi-GPU plans for transformers' DistributedConfig (see distributed_yuan_m32.py). TP splits attention by whole
+    # heads and each expert's SwiGLU; EP gives each rank whole experts. Everything unnamed is replicated: the LF gate
+    # (its convolutions mix all channels), the norms and the fp32 attention router (E x E over the expert axis).
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
@@ -61,6 +64,9 @@ class YuanM32Config(PretrainedConfig):
         "layers.*.mlp.experts.*.gate_proj": "colwise",
         "layers.*.mlp.experts.*.up_proj": "colwise",
         "layers.*.mlp.experts.*.down_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts": "ep_dispatch_experts",
     }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),

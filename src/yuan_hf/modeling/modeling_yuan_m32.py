@@ -22,7 +22,12 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -34,6 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_yuan_m32 import YuanM32QuantizedCache
 from .configuration_yuan_m32 import YuanM32Config
+from .distributed_yuan_m32 import distribute_yuan_model
 from .transformers_compat import (
     CACHE_FIELD,
     cache_capacity,
@@ -135,6 +141,25 @@ def apply_partial_rotary_pos_emb(
     return torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
 
 
+class YuanM32WindowConv1d(nn.Conv1d):
+    """An `nn.Conv1d` over non-overlapping windows (stride == kernel size, no padding), computed as one GEMM.
+
+    x: [b, C_in, n * k] (window j is x[..., j*k : (j+1)*k]) -> [b, C_out, n], exactly `nn.Conv1d` with stride k,
+    but as `F.linear` against the weight viewed as [C_out, C_in * k] (a free view), which CPU runs several times
+    faster than the convolution kernel in bf16. Because the module itself is *called*, accelerate's offload hooks
+    move its weights in, and PEFT's LoRA / DoRA for `nn.Conv1d` wrap it (PEFT builds lora_A / lora_B with
+    `type(base_layer)`, so those run through this forward too). Other geometries fall back to `nn.Conv1d`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0]
+        windowed = self.stride[0] == k and self.padding in ((0,), "valid") and self.dilation[0] == 1
+        if not windowed or self.groups != 1 or x.ndim != 3 or x.shape[-1] % k:
+            return super().forward(x)
+        windows = x.unflatten(-1, (-1, k)).transpose(1, 2).flatten(2)  # [b, n, C_in * k] (channel-major, tap-minor)
+        return F.linear(windows, self.weight.flatten(1), self.bias).transpose(1, 2)  # [b, C_out, n]
+
+
 class YuanM32LocalizedFiltering(nn.Module):
     """Yuan's LF gate: `RMSNorm(conv2(conv1(x)) + x)` with two causal 2-tap convolutions (H -> H/2 -> H).
 
@@ -149,21 +174,21 @@ class YuanM32LocalizedFiltering(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         hidden = config.hidden_size
-        self.conv1 = nn.Conv1d(hidden, hidden // 2, kernel_size=2)  # weight [H/2, H, 2]: taps (t-1, t)
-        self.conv2 = nn.Conv1d(hidden // 2, hidden, kernel_size=2)  # weight [H, H/2, 2]
+        # weight [C_out, C_in, 2]: taps (t-1, t); they run on (previous, current) pairs, hence stride 2
+        self.conv1 = YuanM32WindowConv1d(hidden, hidden // 2, kernel_size=2, stride=2)
+        self.conv2 = YuanM32WindowConv1d(hidden // 2, hidden, kernel_size=2, stride=2)
         self.output_layernorm = YuanM32RMSNorm(hidden, eps=config.rms_norm_eps)
 
     @staticmethod
     def _causal_conv(window: torch.Tensor, conv: nn.Conv1d, has_prev: torch.Tensor) -> torch.Tensor:
-        """window: [b, n+1, C_in] (one step of left context) -> [b, n, C_out].
+        """window: [b, C_in, n+1] (one step of left context) -> [b, C_out, n], channels first.
 
-        Output j = W[..., 0] window[j] (the previous step, gated by has_prev[:, j]) + W[..., 1] window[j+1] + b,
-        as one GEMM against the Conv1d weight viewed as [C_out, C_in * 2] (a free view: channels interleave
-        with the two taps, so the input interleaves (previous, current) per channel to match).
+        Output j = W[..., 0] window[j] (the previous step, gated by has_prev[:, j]) + W[..., 1] window[j+1] + b:
+        the (previous, current) pairs interleave along time, so the stride-2 conv sees one pair per output.
         """
-        previous = window[:, :-1] * has_prev[..., None].to(window.dtype)
-        taps = torch.stack((previous, window[:, 1:]), dim=-1).flatten(-2)  # [b, n, C_in * 2]
-        return F.linear(taps, conv.weight.flatten(1), conv.bias)
+        previous = window[..., :-1] * has_prev[:, None].to(window.dtype)
+        pairs = torch.stack((previous, window[..., 1:]), dim=-1).flatten(-2)  # [b, C_in, 2n]
+        return conv(pairs)
 
     def forward(
         self,
@@ -177,26 +202,24 @@ class YuanM32LocalizedFiltering(nn.Module):
         if padding_mask is not None:
             hidden_states = hidden_states * padding_mask[..., None].to(hidden_states.dtype)
         has_prev_state = cache is not None and cache.has_previous_state(self.layer_idx)
-        window = hidden_states
+        window = hidden_states.transpose(1, 2)  # [b, H, s], channels first as the convolutions and the cache
         if cache is not None:
-            # the cache stores LF inputs channels-first: [b, H, time]; it returns the state followed by the new steps
-            window = cache.update_conv_state(
-                hidden_states.transpose(1, 2), self.layer_idx, conv_kernel_size=LF_CONV_STATE
-            ).transpose(1, 2)
-        # exactly two steps of left context (zeros when there is no state): [b, s + 2, H]
-        window = window[:, -(seq_len + LF_CONV_STATE) :]
-        window = F.pad(window, (0, 0, seq_len + LF_CONV_STATE - window.shape[1], 0))
+            # the cache stores LF inputs [b, H, time]; it returns the state followed by the new steps
+            window = cache.update_conv_state(window, self.layer_idx, conv_kernel_size=LF_CONV_STATE)
+        # exactly two steps of left context (zeros when there is no state): [b, H, s + 2]
+        window = window[..., -(seq_len + LF_CONV_STATE) :]
+        window = F.pad(window, (seq_len + LF_CONV_STATE - window.shape[-1], 0))
         if not has_prev_state:
             # o1 of the step before the first one is zero, not conv1's bias
             has_prev = has_prev.clone()
             has_prev[:, 0] = False
         # has_prev of the step before the chunk: its own left context is already zero where it must be
         prev_gate = torch.cat([has_prev.new_ones(has_prev.shape[0], 1), has_prev], dim=1)
-        o1 = self._causal_conv(window, self.conv1, prev_gate)  # [b, s + 1, H/2]: steps -1 .. s-1
+        o1 = self._causal_conv(window, self.conv1, prev_gate)  # [b, H/2, s + 1]: steps -1 .. s-1
         if padding_mask is not None:  # o1 of a padding step is zero too (it would carry conv1's bias)
-            o1 = o1 * F.pad(padding_mask, (1, 0), value=1)[..., None].to(o1.dtype)
-        o2 = self._causal_conv(o1, self.conv2, has_prev)  # [b, s, H]
-        return self.output_layernorm(o2 + hidden_states)
+            o1 = o1 * F.pad(padding_mask, (1, 0), value=1)[:, None].to(o1.dtype)
+        o2 = self._causal_conv(o1, self.conv2, has_prev)  # [b, H, s]
+        return self.output_layernorm(o2.transpose(1, 2) + hidden_states)
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -594,6 +617,14 @@ class YuanM32PreTrainedModel(PreTrainedModel):
         "attentions": YuanM32Attention,
     }
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', but a folder that gets the modeling files (the class was registered for an Auto class)
+        maps *every* Auto class to its Yuan head, not only the saved class's, so it loads with remote code as
+        `AutoModel`, `AutoModelForCausalLM` or any head."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map(type(self).__module__)}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     # Callables `(path, kwargs) -> native_path | None` that turn another layout into a native folder before
     # loading. The yuan_hf package registers one for IEIT's HF layout; the Hub copy of this file has none.
     _source_adapters: list[Callable] = []
@@ -646,6 +677,15 @@ class YuanM32PreTrainedModel(PreTrainedModel):
             for module in self.modules():
                 if isinstance(module, YuanM32Experts):
                     module.fuse()
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager=None, *args, **kwargs):
+        """transformers' hook between building the model (on meta) and reading the weights, reached by every
+        `from_pretrained(..., distributed_config=...)` (and the older `tp_plan=` / `tp_size=`): the place to refuse
+        sizes that do not divide the heads or experts before any weight loads, and to keep this rank's experts."""
+        if distributed_config is not None:
+            distribute_yuan_model(model, distributed_config, mesh_manager)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -901,19 +941,29 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
-        shift_labels: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         r"""Causal LM forward. `labels` ([b, s], -100 = ignored) are shifted inside, as in every transformers LM.
 
-        With labels and `config.loss_chunk_size > 0` (the default, 1024 tokens) the loss is computed in chunks
-        and the full logits are never built: `logits` is then `None` unless `logits_to_keep` asks for some
-        positions. Set `config.loss_chunk_size = 0` for the standard path (full logits returned with the loss).
+        With labels and `config.loss_chunk_size > 0` (the default, 1024 tokens) the loss is computed in chunks.
+        With gradients enabled (training) the full logits are never built: `logits` is then `None` unless
+        `logits_to_keep` asks for some positions. Without gradients (evaluation, e.g. `Trainer.evaluate` with
+        `compute_metrics`) the full logits are returned in the model's dtype, [b, s, V] (about 1.1 GB per 4096-token
+        row in bf16 at the release's 135040 vocabulary: reduce them with `preprocess_logits_for_metrics`), and the
+        loss is read from them chunk by chunk in fp32. Set `config.loss_chunk_size = 0` for the standard path (full
+        logits and transformers' own loss, also in training). `shift_labels` (keyword): labels already shifted.
 
         With `output_router_logits` (or `config.output_router_logits`) the load-balancing aux loss is
         returned and, when `router_aux_loss_coef > 0`, added to the loss. `cache` / `past_key_values`: see
         `YuanM32Model.forward`.
         """
+        # `shift_labels` (pre-shifted labels, as transformers' context parallelism passes them) comes through kwargs,
+        # not the signature: Trainer takes every forward parameter named "*label*" as a required label column
+        shift_labels = kwargs.pop("shift_labels", None)
+        # generate() hands its own `tokenizer` (stop strings; `transformers serve` always passes it) on to the model
+        # inputs, where in-tree models swallow it: drop it here, as it means nothing to the model
+        kwargs.pop("tokenizer", None)
+        kwargs.pop("assistant_tokenizer", None)
         warn_old_cache_name(past_key_values, type(self).__name__ + ".forward")
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -935,20 +985,27 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
                     f"{name} must have the shape of input_ids {list(hidden_states.shape[:2])}, got {list(targets.shape)}"
                 )
         chunk = self.config.loss_chunk_size
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
         logits = loss = None
-        if labels is not None and chunk:
-            # memory-lean path: no [b*s, V] fp32 logits; `logits` is returned only for positions asked for
+        if labels is not None and chunk and (torch.is_grad_enabled() or not all_logits):
+            # memory-lean path (training): no [b*s, V] fp32 logits; `logits` is returned only for positions asked for
             loss = chunked_causal_lm_loss(
                 hidden_states, labels, self.lm_head, chunk_size=chunk,
                 num_items_in_batch=kwargs.get("num_items_in_batch"), shift_labels=shift_labels,
             )  # fmt: skip
-            if logits_to_keep:
-                slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            if not all_logits:
                 logits = self.lm_head(hidden_states[:, slice_indices, :].contiguous())  # strided slices hit slow CPU kernels
         else:
-            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, slice_indices, :].contiguous())  # strided slices hit slow CPU kernels
-            if labels is not None:
+            if labels is not None and chunk:
+                # without gradients (evaluation: Trainer's compute_metrics needs them) the logits are returned in the
+                # model's dtype; the loss reads them in fp32 chunks, never as one fp32 copy
+                loss = chunked_causal_lm_loss(
+                    logits, labels, nn.Identity(), chunk_size=chunk,
+                    num_items_in_batch=kwargs.get("num_items_in_batch"), shift_labels=shift_labels,
+                )  # fmt: skip
+            elif labels is not None:
                 loss = self.loss_function(logits, labels, self.vocab_size, shift_labels=shift_labels, **kwargs)
 
         aux_loss = None
@@ -969,4 +1026,62 @@ class YuanM32ForCausalLM(YuanM32PreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["YuanM32PreTrainedModel", "YuanM32Model", "YuanM32ForCausalLM"]
+# The heads take their forward from transformers' generic heads (as Qwen3-MoE's). Their __init__ builds the
+# backbone directly: the generic one asks `AutoModel.from_config`, which knows no Yuan model in remote code.
+
+
+class YuanM32ForSequenceClassification(GenericForSequenceClassification, YuanM32PreTrainedModel):
+    """Score of the last non-padding token (reward and value models, e.g. TRL's RewardTrainer); needs a
+    `pad_token_id` distinct from the text's tokens (the converted release tokenizer's `<pad>`)."""
+
+    def __init__(self, config: YuanM32Config):
+        YuanM32PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = YuanM32Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class YuanM32ForTokenClassification(GenericForTokenClassification, YuanM32PreTrainedModel):
+    def __init__(self, config: YuanM32Config):
+        YuanM32PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = YuanM32Model(config)
+        self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.0)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class YuanM32ForQuestionAnswering(GenericForQuestionAnswering, YuanM32PreTrainedModel):
+    def __init__(self, config: YuanM32Config):
+        YuanM32PreTrainedModel.__init__(self, config)
+        self.model = YuanM32Model(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)  # start and end logits
+        self.post_init()
+
+
+# Auto class -> class name, for `auto_map` in saved and converted folders (all classes live in this file).
+AUTO_CLASSES = {
+    "AutoModel": "YuanM32Model",
+    "AutoModelForCausalLM": "YuanM32ForCausalLM",
+    "AutoModelForSequenceClassification": "YuanM32ForSequenceClassification",
+    "AutoModelForTokenClassification": "YuanM32ForTokenClassification",
+    "AutoModelForQuestionAnswering": "YuanM32ForQuestionAnswering",
+}
+
+
+def auto_map(module: str = __name__) -> dict[str, str]:
+    """`auto_map` entries for every model class, as `{"AutoModel": "modeling_yuan_m32.YuanM32Model", ...}`
+    (`module`: this file's module name; only its last part counts, as in transformers' own `auto_map`)."""
+    file = module.rsplit(".", 1)[-1]
+    return {auto_class: f"{file}.{name}" for auto_class, name in AUTO_CLASSES.items()}
+
+
+__all__ = [
+    "YuanM32PreTrainedModel",
+    "YuanM32Model",
+    "YuanM32ForCausalLM",
+    "YuanM32ForSequenceClassification",
+    "YuanM32ForTokenClassification",
+    "YuanM32ForQuestionAnswering",
+]

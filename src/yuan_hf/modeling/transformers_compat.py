@@ -95,6 +95,10 @@ def check_cache(cache: object, config, batch_size: int) -> None:
     keys = getattr(layers[0], "keys", None)
     if isinstance(keys, torch.Tensor) and keys.ndim == 4 and keys.numel():
         expected = (config.num_key_value_heads, config.head_dim)
+        distributed = getattr(config, "distributed_config", None)
+        tp_size = getattr(distributed, "tp_size", None) or 1
+        if tp_size > 1 and getattr(distributed, "tp_plan", None) != {}:  # tensor parallel: this rank's heads
+            expected = (config.num_key_value_heads // tp_size, config.head_dim)
         if tuple(keys.shape[1:2]) + tuple(keys.shape[3:]) != expected:
             raise ValueError(
                 f"The cache holds keys of {keys.shape[1]} heads x {keys.shape[3]} dims, but this model has "

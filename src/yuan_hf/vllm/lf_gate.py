@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.breakable_cudagraph import eager_break_during_capture
-from vllm.config import CacheConfig, ModelConfig, VllmConfig, get_current_vllm_config
+from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.mamba.abstract import MambaBase
@@ -135,15 +135,14 @@ class LFStepIndex:
 
 
 class YuanM32LFGate(MambaBase, nn.Module):
-    """The LF gate with its decode state in vLLM's hybrid cache (`self.kv_cache = (prev_x [N, H], prev_c1 [N, H/2])`)."""
+    """The LF gate with its decode state in vLLM's hybrid cache: `self.kv_cache = (prev_x [slots, H],
+    prev_c1 [slots, H/2])`, bound by the model runner."""
 
     def __init__(
         self,
         *,
         hidden_size: int,
         rms_norm_eps: float,
-        model_config: ModelConfig | None = None,
-        cache_config: CacheConfig | None = None,
         prefix: str = "",
     ):
         super().__init__()
@@ -158,8 +157,6 @@ class YuanM32LFGate(MambaBase, nn.Module):
         self.conv1 = LFConv(hidden_size, hidden_size // 2)
         self.conv2 = LFConv(hidden_size // 2, hidden_size)
         self.output_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps)
-        self.model_config = model_config
-        self.cache_config = cache_config
         self.prefix = prefix
         static = vllm_config.compilation_config.static_forward_context
         if prefix in static:

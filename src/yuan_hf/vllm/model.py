@@ -19,8 +19,8 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm.config import CacheConfig, ModelConfig, VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -30,7 +30,7 @@ from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid, SupportsMambaPrefixCaching
-from vllm.model_executor.models.utils import AutoWeightsLoader, make_layers, maybe_prefix
+from vllm.model_executor.models.utils import AutoWeightsLoader, extract_layer_index, make_layers, maybe_prefix
 from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
@@ -66,7 +66,6 @@ class YuanM32Attention(nn.Module):
         self,
         config,
         *,
-        model_config: ModelConfig | None,
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str,
@@ -81,18 +80,14 @@ class YuanM32Attention(nn.Module):
                 f"({total_heads}) and num_key_value_heads ({total_kv_heads})"
             )
         self.num_heads, self.num_kv_heads = total_heads // tp_size, total_kv_heads // tp_size
-        self.lf_gate = YuanM32LFGate(
-            hidden_size=hidden,
-            rms_norm_eps=config.rms_norm_eps,
-            model_config=model_config,
-            cache_config=cache_config,
-            prefix=f"{prefix}.lf_gate",
-        )
+        self.lf_gate = YuanM32LFGate(hidden_size=hidden, rms_norm_eps=config.rms_norm_eps, prefix=f"{prefix}.lf_gate")
+        q_width, kv_width = total_heads * self.head_dim, total_kv_heads * self.head_dim
         projection = dict(bias=False, quant_config=quant_config)
-        self.q_proj = ColumnParallelLinear(hidden, total_heads * self.head_dim, **projection, prefix=f"{prefix}.q_proj")
-        self.k_proj = ColumnParallelLinear(hidden, total_kv_heads * self.head_dim, **projection, prefix=f"{prefix}.k_proj")
-        self.v_proj = ColumnParallelLinear(hidden, total_kv_heads * self.head_dim, **projection, prefix=f"{prefix}.v_proj")
-        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, **projection, prefix=f"{prefix}.o_proj")
+        # separate Q, K and V (no fused QKV GEMM): Q and K read the LF gate's output, V the unfiltered input
+        self.q_proj = ColumnParallelLinear(hidden, q_width, **projection, prefix=f"{prefix}.q_proj")
+        self.k_proj = ColumnParallelLinear(hidden, kv_width, **projection, prefix=f"{prefix}.k_proj")
+        self.v_proj = ColumnParallelLinear(hidden, kv_width, **projection, prefix=f"{prefix}.v_proj")
+        self.o_proj = RowParallelLinear(q_width, hidden, **projection, prefix=f"{prefix}.o_proj")
         # rope_parameters carries partial_rotary_factor (0.5: the first 128 of 256 dims), rope_theta and any scaling
         self.rotary_emb = get_rope(
             self.head_dim,
@@ -111,7 +106,7 @@ class YuanM32Attention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states: [T, H] (input_layernorm output) -> [T, H]
+        # hidden_states: [T, H] (input_layernorm output; T = all scheduled tokens of all requests) -> [T, H]
         v, _ = self.v_proj(hidden_states)
         filtered = torch.empty_like(hidden_states)
         self.lf_gate(hidden_states, filtered)
@@ -155,13 +150,21 @@ ROUTER_CLASSES = {"attention": YuanM32AttentionRouter, "linear": YuanM32LinearRo
 
 
 class YuanM32SparseMoeBlock(nn.Module):
-    """fp32 router logits -> vLLM fused MoE (softmax -> top-k -> renormalise), 32 SwiGLU experts, no shared one."""
+    """fp32 router logits -> vLLM fused MoE (softmax -> top-k -> renormalise), SwiGLU experts, no shared one.
 
-    def __init__(self, config, *, quant_config: QuantizationConfig | None, prefix: str):
+    A layer-adaptively pruned model (`yuan-hf experts prune`) has its own expert count per layer and keeps each
+    router whole (`router_num_experts` outputs); the layer routes among its remaining experts' logits
+    (`router_experts[layer]`), as yuan_hf does.
+    """
+
+    def __init__(self, config, *, layer_idx: int, quant_config: QuantizationConfig | None, prefix: str):
         super().__init__()
-        self.gate = ROUTER_CLASSES[config.router_type](config.hidden_size, config.num_experts)
+        num_experts = config.experts_per_layer[layer_idx]
+        self.gate = ROUTER_CLASSES[config.router_type](config.hidden_size, config.router_num_experts or num_experts)
+        kept = None if config.router_experts is None else torch.tensor(config.router_experts[layer_idx])
+        self.register_buffer("expert_ids", kept, persistent=False)  # [E_layer] router outputs, or None
         self.experts = FusedMoEFactory(
-            num_experts=config.num_experts,
+            num_experts=num_experts,
             top_k=config.num_experts_per_tok,
             hidden_size=config.hidden_size,
             intermediate_size=config.moe_intermediate_size,
@@ -174,7 +177,9 @@ class YuanM32SparseMoeBlock(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        router_logits = self.gate(hidden_states)  # [T, E] fp32
+        router_logits = self.gate(hidden_states)  # [T, router width] fp32
+        if self.expert_ids is not None:
+            router_logits = router_logits.index_select(-1, self.expert_ids)  # [T, E_layer]
         return self.experts(hidden_states=hidden_states, router_logits=router_logits)
 
 
@@ -183,12 +188,13 @@ class YuanM32DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = YuanM32Attention(
             config,
-            model_config=vllm_config.model_config,
             cache_config=vllm_config.cache_config,
             quant_config=vllm_config.quant_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.mlp = YuanM32SparseMoeBlock(config, quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
+        self.mlp = YuanM32SparseMoeBlock(
+            config, layer_idx=extract_layer_index(prefix), quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp"
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -274,7 +280,6 @@ class YuanM32ForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPrefix
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        assert get_pp_group().world_size == 1  # check_config refuses pipeline parallelism
         return self.model(input_ids, positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

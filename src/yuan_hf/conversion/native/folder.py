@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,10 @@ from pathlib import Path
 import torch
 
 from ...modeling import YuanM32Config, YuanM32ForCausalLM
+from ...modeling.modeling_yuan_m32 import auto_map
+from ...parameters import ParameterCount, count_config_parameters
 from ..common import ConversionError
+from .builder import ConversionWarning
 from .output import PROVENANCE_FILE, ShardedSafetensorsWriter, atomic_output_dir
 
 __all__ = ["ConversionSummary", "DTYPES", "add_tokenizer", "resolve_dtype", "verify_folder", "write_converted", "write_native_folder"]
@@ -78,7 +82,6 @@ def write_native_folder(
 ) -> ShardedSafetensorsWriter:
     """Write config, generation config, modeling code (for ``trust_remote_code``), the weights and,
     if ``tokenizer`` names IEIT's ``tokenizer.model`` (or its folder), the converted tokenizer into ``tmp``."""
-    from transformers import GenerationConfig
     from transformers.dynamic_module_utils import custom_object_save
 
     if tokenizer is not None:  # first: a bad tokenizer fails before the long weight conversion
@@ -91,12 +94,41 @@ def write_native_folder(
         config.dtype = max(writer.dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
     with torch.device("meta"):  # copies the modeling files and adds the model class to config.auto_map
         custom_object_save(YuanM32ForCausalLM(config), tmp, config=config)
+    # every Auto class finds its Yuan head through remote code, as in folders written by save_pretrained
+    config.auto_map = {**config.auto_map, **auto_map()}
+    config.architectures = [YuanM32ForCausalLM.__name__]
     config.save_pretrained(tmp)  # also copies the configuration file and adds AutoConfig to auto_map
-    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    release_generation_config(config).save_pretrained(tmp)
+    if tokenizer is None and config.pad_token_id in _as_list(config.eos_token_id):
+        warnings.warn(
+            f"pad_token_id equals eos ({config.pad_token_id}, <eod> in the release): batched generation cannot tell "
+            "padding from the end of a text, and fine-tuning on padded batches ignores <eod>. Convert with "
+            "--tokenizer (its <pad> becomes pad_token_id) or set pad_token_id in config.json and "
+            "generation_config.json.",
+            ConversionWarning,
+            stacklevel=3,
+        )
     if provenance is not None:
         (tmp / PROVENANCE_FILE).write_text(json.dumps(dict(provenance), indent=2, default=str) + "\n")
     return writer
 
+
+# What IEIT documents for the release: greedy decoding (`do_sample=False` in its HF examples, `top_k=1` in its
+# vLLM ones) that stops at <eod>. Answers get up to 1024 new tokens (transformers' pipeline default is 256).
+RELEASE_GENERATION_DEFAULTS = {"do_sample": False, "max_new_tokens": 1024}
+
+
+def release_generation_config(config: YuanM32Config):
+    """`generation_config.json` for a converted folder: the config's special ids plus IEIT's decoding defaults."""
+    from transformers import GenerationConfig
+
+    generation_config = GenerationConfig.from_model_config(config)
+    generation_config.update(**RELEASE_GENERATION_DEFAULTS)
+    return generation_config
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    return ids if isinstance(ids, list) else [] if ids is None else [ids]
 
 
 def write_converted(
@@ -124,6 +156,7 @@ def write_converted(
     return ConversionSummary(
         destination=Path(dst),
         num_parameters=writer.num_parameters,
+        parameters=count_config_parameters(config),
         dtype=str(config.dtype).replace("torch.", ""),
         shards=sorted(p.name for p in Path(dst).glob("*.safetensors")),
         rope_theta=config.rope_parameters["rope_theta"],
@@ -136,6 +169,7 @@ def write_converted(
 class ConversionSummary:
     destination: Path
     num_parameters: int
+    parameters: ParameterCount
     dtype: str
     shards: list[str]
     rope_theta: float
@@ -146,6 +180,7 @@ class ConversionSummary:
         lines = [
             f"wrote {self.destination}",
             f"  parameters: {self.num_parameters:,} ({self.dtype}), {len(self.shards)} shard(s)",
+            f"  size: {self.parameters.describe()}",
             f"  RoPE base: {self.rope_theta:g}",
             f"  time: {self.seconds:.1f} s",
         ]

@@ -1,0 +1,35 @@
+"""``yuan-hf serve``: transformers' OpenAI-compatible server (``transformers serve``) with Yuan 2.0-M32 registered.
+
+``transformers serve DIR`` loads the model in a spawned process and looks the class up as
+``getattr(transformers, config.architectures[0])``, which knows no ``YuanM32ForCausalLM`` unless ``yuan_hf`` is
+imported *in that process*; ``--trust-remote-code`` does not help. ``yuan-hf serve`` runs the same command from a
+process whose main module imports ``yuan_hf``: the spawned model process re-imports that main module, so it
+registers the classes (``registration.register`` also exposes them as ``transformers.YuanM32ForCausalLM``).
+Every argument is passed to ``transformers serve`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["serve"]
+
+
+def serve(args: Sequence[str]) -> int:
+    """Run ``transformers serve ARGS`` with Yuan registered; returns the exit status."""
+    from transformers.utils.import_utils import is_serve_available
+
+    import yuan_hf  # noqa: F401  (registers the classes in this process and, through the main module, the model's)
+
+    if not is_serve_available():
+        raise SystemExit(
+            "error: `yuan-hf serve` runs `transformers serve`, which needs fastapi, uvicorn, pydantic and openai: "
+            "pip install 'yuan-hf[serve]' (or 'transformers[serving]')"
+        )
+    from transformers.cli.transformers import app
+
+    try:
+        app(args=["serve", *args], prog_name="yuan-hf")
+    except SystemExit as exit:  # click ends every command with SystemExit
+        return exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    return 0
