@@ -6,16 +6,8 @@ makes IEIT's original layout (``model_type="yuan"``) load through them by conver
 transformers release outside the tested range it logs one warning naming ``yuan-hf doctor``.
 """
 
-from .modeling import (
-    YuanM32Config,
-    YuanM32ForCausalLM,
-    YuanM32ForQuestionAnswering,
-    YuanM32ForSequenceClassification,
-    YuanM32ForTokenClassification,
-    YuanM32Model,
-    YuanM32PreTrainedModel,
-    YuanM32QuantizedCache,
-)
+from . import modeling
+from .modeling import *  # noqa: F403  (the public classes, listed in modeling.__all__)
 from .registration import register
 from .support import warn_if_untested
 
@@ -24,14 +16,4 @@ __version__ = "0.1.0"
 register()
 warn_if_untested()
 
-__all__ = [
-    "YuanM32Config",
-    "YuanM32ForCausalLM",
-    "YuanM32ForQuestionAnswering",
-    "YuanM32ForSequenceClassification",
-    "YuanM32ForTokenClassification",
-    "YuanM32Model",
-    "YuanM32PreTrainedModel",
-    "YuanM32QuantizedCache",
-    "register",
-]
+__all__ = [*modeling.__all__, "register"]
