@@ -99,11 +99,12 @@ def server(model_dir, tmp_path_factory):
             time.sleep(1)
         yield base
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server, its model process and nothing else
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:  # the server, its model process and nothing else
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
 
 

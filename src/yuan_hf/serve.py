@@ -26,7 +26,13 @@ def serve(args: Sequence[str]) -> int:
             "error: `yuan-hf serve` runs `transformers serve`, which needs fastapi, uvicorn, pydantic and openai: "
             "pip install 'yuan-hf[serve]' (or 'transformers[serving]')"
         )
-    from transformers.cli.transformers import app
+    try:
+        from transformers.cli.transformers import app
+    except ImportError as error:  # e.g. transformers 5.17's CLI imports `requests`, which its [serving] extra lacks
+        raise SystemExit(
+            f"error: transformers' CLI does not import here ({error}); pip install 'yuan-hf[serve]' installs what "
+            "`transformers serve` needs"
+        ) from None
 
     try:
         app(args=["serve", *args], prog_name="yuan-hf")
