@@ -11,6 +11,7 @@ Every argument is passed to ``transformers serve`` unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["serve"]
 
@@ -26,6 +27,11 @@ def serve(args: Sequence[str]) -> int:
             "error: `yuan-hf serve` runs `transformers serve`, which needs fastapi, uvicorn, pydantic and openai: "
             "pip install 'yuan-hf[serve]' (or 'transformers[serving]')"
         )
+    # transformers <= 5.2x answers /v1/models by scanning the Hub cache and fails (500) when that folder does not
+    # exist yet, as on a fresh machine that has never downloaded anything
+    from huggingface_hub import constants
+
+    Path(constants.HF_HUB_CACHE).mkdir(parents=True, exist_ok=True)
     try:
         from transformers.cli.transformers import app
     except ImportError as error:  # e.g. transformers 5.17's CLI imports `requests`, which its [serving] extra lacks
