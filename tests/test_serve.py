@@ -7,8 +7,6 @@ bounded wait; the server's process group is ended at the end.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,8 @@ from transformers.utils.import_utils import is_serve_available
 
 from yuan_hf.conversion.writers.tokenizer import build_demo_tokenizer
 from yuan_hf.testing import tiny_model
+
+from conftest import stop_process_group
 
 needs_serve = pytest.mark.skipif(
     not is_serve_available(),
@@ -99,13 +99,7 @@ def server(model_dir, tmp_path_factory):
             time.sleep(1)
         yield base
     finally:
-        if process.poll() is None:  # the server, its model process and nothing else
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        stop_process_group(process)
 
 
 def _local_greedy(model_dir: Path, prompt: str) -> str:
