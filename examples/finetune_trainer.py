@@ -21,6 +21,7 @@ import yuan_hf  # noqa: F401  (registers yuan_m32 with the Auto classes)
 from yuan_hf.finetune import (
     SFTDataCollator,
     YuanTrainer,
+    activation_checkpointing_args,
     apply_lora,
     build_sft_dataset,
     extend_context,
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_train_epochs=1,
         bf16=gpu,
         use_cpu=not gpu,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **activation_checkpointing_args(),  # non-reentrant, under this transformers' names (5.25 renamed them)
         remove_unused_columns=False,  # the rows carry position_ids
         logging_steps=10,
         save_strategy="no",

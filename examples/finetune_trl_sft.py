@@ -18,7 +18,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 import yuan_hf  # noqa: F401  (registers yuan_m32 with the Auto classes)
-from yuan_hf.finetune import ExpertLRMixin, apply_lora, build_sft_dataset, extend_context, load_for_qlora, lora_config
+from yuan_hf.finetune import (
+    ExpertLRMixin,
+    activation_checkpointing_args,
+    apply_lora,
+    build_sft_dataset,
+    extend_context,
+    load_for_qlora,
+    lora_config,
+)
 from yuan_hf.finetune.toy import write_toy_setup
 
 
@@ -77,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_steps=args.max_steps,
         bf16=gpu,
         use_cpu=not gpu,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **activation_checkpointing_args(),  # non-reentrant, under this transformers' names (5.25 renamed them)
         logging_steps=10,
         save_strategy="no",
         report_to="none",

@@ -65,3 +65,12 @@ def stop_process_group(process) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing under the installed transformers' name (5.25 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable`; the old name warns there)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

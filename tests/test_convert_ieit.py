@@ -252,3 +252,18 @@ def test_tokenizer_goes_into_the_output_folder(tmp_path):
 def test_tokenizer_of_another_model_is_refused(tmp_path, capsys):
     src = fixtures_dir() / "yuan_m32_tiny" / "ieit_hf"  # vocab 1024, <eod> 1001: not the real tokenizer's ids
     run_cli_expect_failure(src, tmp_path / "out", "eos id", capsys, "--tokenizer", str(fixtures_dir() / "tokenizer"))
+
+
+def test_written_ieit_config_has_every_key_ieit_code_reads():
+    """The writer's config.json has IEIT's released key set, so IEIT's remote code loads the folder too
+    (it reads config.causal_mask, model_max_length, ... unconditionally; a missing key is an AttributeError there)."""
+    from yuan_hf.conversion.writers import ieit_config_from_native
+
+    reference = json.loads((fixtures_dir() / "yuan_m32_tiny" / "ieit_hf" / "config.json").read_text())
+    bookkeeping = {"_from_model_config", "_name_or_path", "transformers_version"}  # written by save_pretrained
+    config, _ = native_config_from_ieit(reference, rope_theta=10000.0)
+    written = ieit_config_from_native(config)
+    assert set(reference) - bookkeeping <= set(written)
+    assert set(reference["moe_config"]) <= set(written["moe_config"])
+    for key in set(reference) - bookkeeping - {"torch_dtype"}:
+        assert written[key] == reference[key], key

@@ -23,6 +23,7 @@ from yuan_hf.finetune import (
     QLORA_SKIP_MODULES,
     SFTDataCollator,
     YuanTrainer,
+    activation_checkpointing_args,
     apply_lora,
     build_sft_dataset,
     check_context_length,
@@ -39,6 +40,8 @@ from yuan_hf.finetune import context as context_module
 from yuan_hf.finetune.runner import probe_loss
 from yuan_hf.finetune.toy import toy_sft_records, toy_tokenizer
 from yuan_hf.testing import tiny_config
+
+from conftest import enable_activation_checkpointing
 
 TRAIN_INIT = 0.2  # see the module docstring
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls run faster on one thread
@@ -232,8 +235,7 @@ def train(model: nn.Module, dataset, collator, tmp_path, *, steps: int = 30, lr:
         save_strategy="no",
         report_to="none",
         remove_unused_columns=False,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **activation_checkpointing_args(),
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
@@ -353,7 +355,7 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients():
     model = apply_lora(tiny_model(), lora_config("all", r=4, dropout=0.0, init_lora_weights=False)).train()
     batch = labelled_batch()
     loss, grads = loss_and_grads(model, batch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     assert model.base_model.model.model.gradient_checkpointing
     loss_gc, grads_gc = loss_and_grads(model, batch)
     assert torch.equal(loss, loss_gc) and grads.keys() == grads_gc.keys() and len(grads) == 112

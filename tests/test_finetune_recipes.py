@@ -104,6 +104,51 @@ def test_recipe_errors_name_the_key(values, message):
         recipe_from_dict(values)
 
 
+@pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
+def test_checkpointing_takes_either_name_and_uses_the_installed_one(name, tmp_path):
+    """transformers 5.25 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs): a recipe
+    with either name turns checkpointing on (non-reentrant) on every supported release, without the old name's
+    FutureWarning."""
+    import warnings
+
+    from yuan_hf.finetune.runner import training_arguments
+
+    recipe = recipe_from_dict(minimal(train={"output_dir": str(tmp_path / "o"), "use_cpu": True, name: True}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = training_arguments(recipe)
+    trainer_reads = "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+    assert getattr(args, trainer_reads) is True
+    assert getattr(args, f"{trainer_reads}_kwargs") == {"use_reentrant": False}
+
+
+def test_checkpointing_under_both_names_is_refused():
+    values = minimal(train={"gradient_checkpointing": True, "activation_checkpointing": False})
+    with pytest.raises(RecipeError, match="give one of .*checkpointing"):
+        recipe_from_dict(values)
+
+
+def test_zero3_lora_switches_to_reentrant_checkpointing_where_the_trainer_reads_it(monkeypatch, tmp_path):
+    """PEFT + ZeRO-3 needs reentrant checkpointing; the runner sets it after TrainingArguments is built, so it must
+    use the field the installed Trainer reads (5.25 mirrors the old alias only at construction)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from yuan_hf.finetune import runner
+
+    class ZeRO3Arguments(TrainingArguments):  # what a DeepSpeed ZeRO-3 config gives, without DeepSpeed installed
+        def __post_init__(self):
+            super().__post_init__()
+            self.deepspeed_plugin = SimpleNamespace(zero_stage=3)
+
+    monkeypatch.setattr(runner, "TrainingArguments", ZeRO3Arguments)
+    recipe = recipe_from_dict(minimal(train={"output_dir": str(tmp_path / "o"), "use_cpu": True, "gradient_checkpointing": True}))
+    args = runner.training_arguments(recipe)
+    trainer_reads = "activation_checkpointing_kwargs" if hasattr(args, "activation_checkpointing_kwargs") else "gradient_checkpointing_kwargs"
+    assert getattr(args, trainer_reads) == {"use_reentrant": True}
+
+
 def test_overrides_parse_yaml_1_2_scalars(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(minimal()))

@@ -13,6 +13,8 @@ import yuan_hf
 from yuan_hf import YuanM32Config, YuanM32ForCausalLM
 from yuan_hf.testing import tiny_config
 
+from conftest import enable_activation_checkpointing
+
 ATOL = 1e-5  # fp32 reorderings only: the same math in a different grouping
 # different batch shapes / masks / kernels take different fp32 matmul paths (IEIT's own batch-2 vs batch-1 differs
 # by 1.6e-4 on the fixtures); a leak of padding or of a neighbouring document shows up at 1e-1 and above
@@ -179,7 +181,7 @@ def test_bfloat16_forward_keeps_router_in_fp32(tmp_path):
 
 def test_training_step_with_gradient_checkpointing():
     model = make_model().train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     x = ids(2, 16)
     out = model(x, labels=x)
     out.loss.backward()

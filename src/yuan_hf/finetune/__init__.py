@@ -7,6 +7,7 @@ Python API (works with `transformers.Trainer` and TRL's `SFTTrainer`)::
 Command line: `yuan-hf finetune recipes/qlora_16k.yaml` (or `python -m yuan_hf.finetune ...`).
 """
 
+from .checkpointing import activation_checkpointing_args
 from .context import check_context_length, extend_context, ntk_rope_theta
 from .data import (
     SFTDataCollator,
@@ -40,6 +41,7 @@ __all__ = [
     "SFTDataStats",
     "SFTDataset",
     "YuanTrainer",
+    "activation_checkpointing_args",
     "apply_lora",
     "bnb_config",
     "build_sft_dataset",

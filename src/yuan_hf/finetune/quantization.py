@@ -180,10 +180,9 @@ def load_for_qlora(
     )
     if prepare:
         _keep_cpu_4bit_weights_trainable(model)
+        # the checkpointing kwargs go by position: PEFT renamed that parameter (gradient_ -> activation_checkpointing_kwargs)
         model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+            model, gradient_checkpointing, {"use_reentrant": False} if gradient_checkpointing else None
         )
     return model
 

@@ -206,7 +206,13 @@ class Recipe:
     def _validate_train(self) -> None:
         from transformers import TrainingArguments
 
-        allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        from .checkpointing import NEW, OLD, checkpointing_under_installed_names
+
+        try:
+            train = checkpointing_under_installed_names(self.train, "recipe section train")
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+        allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init} | set(OLD) | set(NEW)
         unknown = sorted(set(self.train) - allowed)
         if unknown:
             raise RecipeError(
@@ -214,7 +220,7 @@ class Recipe:
                 "(e.g. output_dir, learning_rate, max_steps, per_device_train_batch_size, gradient_checkpointing)"
             )
         defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
-        for key, value in self.train.items():
+        for key, value in train.items():
             default = defaults[key]
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise RecipeError(f"recipe key train.{key}: expected true or false, got {value!r}")

@@ -37,6 +37,7 @@ from transformers import (
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import is_torch_bf16_gpu_available, logging
 
+from .checkpointing import checkpointing_fields, checkpointing_under_installed_names
 from .checkpoints import TRAINER_STATE, checkpoint_problem, list_checkpoints, newest_complete_checkpoint
 from .context import check_context_length, extend_context
 from .data import IGNORE_INDEX, SFTDataCollator, SFTDataError, build_sft_dataset
@@ -209,15 +210,17 @@ def training_arguments(recipe: Recipe, *, resume_from_checkpoint: str | None = N
     `remove_unused_columns=False` (rows carry `position_ids`), non-reentrant gradient checkpointing,
     `include_num_input_tokens_seen="all"` (tokens/s), `seed=recipe.seed`. `resume_from_checkpoint` (the folder
     `preflight` picked) replaces the recipe's true/false: the Trainer itself does not read this field."""
-    values = dict(recipe.train)
+    values = checkpointing_under_installed_names(recipe.train, "recipe section train")
+    flag, kwargs_field = checkpointing_fields()
+    set_by_recipe = set(values)
     values["resume_from_checkpoint"] = resume_from_checkpoint
     values.setdefault("remove_unused_columns", False)
     values.setdefault("include_num_input_tokens_seen", "all")
     values.setdefault("seed", recipe.seed)
     # in training every expert runs (empty ones too), so DDP never meets an unused parameter
     values.setdefault("ddp_find_unused_parameters", False)
-    if values.get("gradient_checkpointing"):
-        values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    if values.get(flag):
+        values.setdefault(kwargs_field, {"use_reentrant": False})
     if values.get("deepspeed"):
         # accelerate marks these classes as ZeRO-3 leaf modules (deepspeed.utils.set_z3_leaf_modules)
         os.environ.setdefault("ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES", MOE_LEAF_MODULE)
@@ -227,12 +230,13 @@ def training_arguments(recipe: Recipe, *, resume_from_checkpoint: str | None = N
         plugin is not None
         and plugin.zero_stage == 3
         and recipe.method != "full"
-        and args.gradient_checkpointing
-        and "gradient_checkpointing_kwargs" not in recipe.train
+        and getattr(args, flag)
+        and kwargs_field not in set_by_recipe
     ):
-        # PEFT + ZeRO-3 needs reentrant checkpointing (deepspeedai/DeepSpeed#8072, huggingface/trl#2514)
+        # PEFT + ZeRO-3 needs reentrant checkpointing (deepspeedai/DeepSpeed#8072, huggingface/trl#2514); set under
+        # the name the Trainer reads (on 5.25 the old alias is only mirrored at construction)
         logger.warning("DeepSpeed ZeRO-3 with LoRA: using reentrant gradient checkpointing")
-        args.gradient_checkpointing_kwargs = {"use_reentrant": True}
+        setattr(args, kwargs_field, {"use_reentrant": True})
     return args
 
 
@@ -265,7 +269,7 @@ def load_model(recipe: Recipe, config: Any, args: TrainingArguments) -> nn.Modul
             double_quant=q.double_quant,
             compute_dtype=q.compute_dtype,
             quant_storage=q.quant_storage,
-            gradient_checkpointing=bool(args.gradient_checkpointing),
+            gradient_checkpointing=bool(getattr(args, checkpointing_fields()[0])),
             attn_implementation=recipe.model.attn_implementation,
             config=config,
             revision=recipe.model.revision,
@@ -371,7 +375,8 @@ def run_recipe(recipe: Recipe, *, callbacks: Sequence[TrainerCallback] = ()) -> 
     collator = SFTDataCollator.from_tokenizer(tokenizer, padding_free=True)
     config = load_config(recipe)
     model = load_model(recipe, config, args)
-    if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+    flag, kwargs_field = checkpointing_fields()
+    if getattr(args, flag) and (getattr(args, kwargs_field) or {}).get("use_reentrant"):
         model.enable_input_require_grads()  # reentrant checkpointing only backpropagates into inputs that need grad
     trainable, total = count_parameters(model)
     adapter = f"LoRA {recipe.lora.preset}, r={recipe.lora.r}" if recipe.method != "full" else "full fine-tune"

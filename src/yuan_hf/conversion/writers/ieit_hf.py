@@ -31,17 +31,22 @@ def fuse_qk(q: torch.Tensor, k: torch.Tensor, *, num_heads: int) -> tuple[torch.
 
 
 def ieit_config_from_native(config: YuanM32Config) -> dict:
-    """The IEIT ``config.json`` (``model_type="yuan"``, remote-code keys) describing a native config's model."""
+    """The IEIT ``config.json`` (``model_type="yuan"``, remote-code keys) describing a native config's model.
+
+    Every key IEIT's released ``config.json`` has that its remote code reads is written (``causal_mask``,
+    ``model_max_length``, ...), so IEIT's own code loads the folder too (``benchmarks/ieit_comparison.py`` runs it).
+    """
     eod = config.eos_token_id
     return {
         "architectures": ["YuanForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_yuan.YuanConfig", "AutoModelForCausalLM": "yuan_hf_model.YuanForCausalLM"},
         "model_type": "yuan",
-        "attention_projection_size": config.num_attention_heads * config.head_dim,
+        "attention_projection_size": config.num_attention_heads * config.head_dim, "causal_mask": True, "dropout": 0,
         "bos_token_id": config.bos_token_id, "eos_token_id": eod, "eod_token": eod, "eod_token_id": eod,
         "pad_token_id": config.pad_token_id, "mask_token_id": eod, "sep_token": config.sep_token_id, "sep_token_id": eod,
         "hidden_act": config.hidden_act, "hidden_size": config.hidden_size, "initializer_range": config.initializer_range,
         "intermediate_size": config.moe_intermediate_size, "max_position_embeddings": config.max_position_embeddings,
+        "model_max_length": 2 * config.max_position_embeddings, "output_router_logits": True, "tokenizer_class": "YuanTokenizer",
         "moe_config": {
             "ffn_hidden_size": config.moe_intermediate_size, "gated_linear_unit": True,
             "moe_num_experts": config.num_experts, "moe_top_k": config.num_experts_per_tok,
