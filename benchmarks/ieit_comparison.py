@@ -20,7 +20,8 @@ last) and the gaps between stamps are decode steps (median per request, median o
 
 Variants: IEIT (its own cache of tuples, eager attention as `use_flash_attention=false` gives on CPU); yuan-hf as a
 user gets it by default (eager, DynamicCache, SDPA); yuan-hf with `experts_implementation="grouped_mm"`, a StaticCache
-and `torch.compile(fullgraph=True)` through generate's compile_config (compiled once per shape in the warm-up).
+and `torch.compile(fullgraph=True, dynamic=False)` through generate's compile_config (compiled once per shape in the
+warm-up, which runs each case's exact request once per variant).
 
 Before timing, both implementations' logits on one prompt are compared (max abs difference) and their greedy
 continuations checked for agreement, so the table compares the same computation.
@@ -94,7 +95,11 @@ class _Worker:
         from transformers import CompileConfig
 
         self.model.set_experts_implementation("grouped_mm")
-        compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if self.device.type == "cuda" else "default")
+        # dynamic=False: one graph specialised to each shape (one per case), as when serving a fixed shape; with
+        # transformers' default (None) the second static-cache size switches torch to a shape-generic graph
+        compile_config = CompileConfig(
+            fullgraph=True, dynamic=False, mode="reduce-overhead" if self.device.type == "cuda" else "default"
+        )
         compile_config._compile_all_devices = self.device.type != "cuda"  # transformers compiles on CUDA only by default
         return {"cache_implementation": "static", "compile_config": compile_config}
 
@@ -243,8 +248,8 @@ def run(args) -> dict:
             rows = []
             for kind, batch, context, new_tokens in cases:
                 request = dict(batch=batch, context=context, new_tokens=new_tokens)
-                for _, client, variant in variants:  # warm-up (compiles the static-cache forward for this shape)
-                    client.ask(variant=variant, seed=args.seed, **{**request, "new_tokens": min(new_tokens, 4)})
+                for _, client, variant in variants:  # warm-up: the same shapes, so the compiled variant's graph for
+                    client.ask(variant=variant, seed=args.seed, **request)  # this static-cache size exists before timing
                 samples = {name: [] for name, _, _ in variants}
                 for rep in range(args.reps):
                     order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
