@@ -130,6 +130,36 @@ def wait_idle(args) -> None:
     WAITED["n"] += 1
 
 
+def timed_generate(model, prompt, new_tokens: int, *, first_scores: list | None = None, **kwargs) -> tuple:
+    """Greedy `generate` of exactly `new_tokens`, stamping the time at every step from a logits processor (CUDA
+    synchronised). Returns (prefill seconds as generate runs it, [decode step seconds], output ids). `first_scores`:
+    a list that receives row 0's scores of the first step. Imports only torch and transformers (any release), so
+    IEIT's transformers-4.36 worker uses it too."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+    cuda = prompt.is_cuda
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            if first_scores is not None and not first_scores:
+                first_scores.append(scores[0].float().cpu())
+            return scores
+
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, logits_processor=LogitsProcessorList([Stamp()]), **kwargs,
+    )  # fmt: skip
+    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])], out
+
+
 def loadavg() -> str:
     with contextlib.suppress(OSError):
         return " ".join(open("/proc/loadavg").read().split()[:3])

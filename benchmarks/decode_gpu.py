@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from bench_utils import timed_generate
 from yuan_hf import YuanM32Config, YuanM32ForCausalLM
 
 HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L40S": 0.864}  # SXM figures, TB/s
@@ -43,25 +43,6 @@ def active_weight_bytes(model) -> int:
 
 def kv_bytes_per_context_token(config) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
-
-
-def timed_generate(model, prompt, new_tokens, **kwargs) -> list[float]:
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    stamps: list[float] = []
-
-    class Stamp(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            if scores.is_cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-            return scores
-
-    model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, logits_processor=LogitsProcessorList([Stamp()]), **kwargs,
-    )  # fmt: skip
-    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def main(argv=None):
@@ -115,7 +96,7 @@ def main(argv=None):
         for label, (experts, kwargs) in variants.items():
             model.set_experts_implementation(experts)
             timed_generate(model, prompt, 8, **kwargs)  # warm-up (compiles)
-            steps = timed_generate(model, prompt, args.new_tokens, **kwargs)
+            _, steps, _ = timed_generate(model, prompt, args.new_tokens, **kwargs)
             results[label] = 1 / statistics.median(steps)
     print("\n| variant | tok/s | share of roofline |\n|---|---|---|")
     for label, tps in results.items():

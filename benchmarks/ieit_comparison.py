@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from bench_utils import cpu_name, loadavg, timed_generate
+
 IEIT_FILES = ("yuan_moe_hf_model.py", "configuration_yuan.py")
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,35 +111,15 @@ class _Worker:
         return {CACHE_FIELD: cache, "compile_config": compile_config}
 
     def generate(self, variant: str, batch: int, context: int, new_tokens: int, seed: int, logits: bool = False) -> dict:
-        from transformers import LogitsProcessor, LogitsProcessorList
-
         prompt = _prompt(batch, context, self.config.vocab_size, self.avoid, seed).to(self.device)
-        stamps: list[float] = []
-        first_scores: list[torch.Tensor] = []
-        cuda = self.device.type == "cuda"
-
-        class Stamp(LogitsProcessor):
-            def __call__(self, input_ids, scores):
-                if cuda:
-                    torch.cuda.synchronize()
-                stamps.append(time.perf_counter())
-                if logits and not first_scores:
-                    first_scores.append(scores[0].float().cpu())
-                return scores
-
+        first_scores: list[torch.Tensor] | None = [] if logits else None
         kwargs = self._generate_kwargs(variant, context, new_tokens)
         with torch.inference_mode():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = self.model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=self.config.pad_token_id,
-                **kwargs,
-            )  # fmt: skip
-        steps = [b - a for a, b in zip(stamps, stamps[1:])]
+            prefill, steps, out = timed_generate(
+                self.model, prompt, new_tokens, first_scores=first_scores, pad_token_id=self.config.pad_token_id, **kwargs
+            )
         reply = {
-            "prefill_s": stamps[0] - start,
+            "prefill_s": prefill,
             "step_s": statistics.median(steps) if steps else None,
             "tokens": out[:, context:].tolist(),
         }
@@ -351,17 +333,11 @@ def main(argv=None) -> None:
         worker_main(args)
         return
     result = run(args)
-    env = {"cpu": _cpu_name(), "threads": args.threads, "load": os.getloadavg()[0]}
+    env = {"cpu": cpu_name(), "threads": args.threads, "load": loadavg()}
     table = render(args, env, result)
     print(table)
     if args.markdown:
         args.markdown.write_text(table)
-
-
-def _cpu_name() -> str:
-    from bench_utils import cpu_name
-
-    return cpu_name()
 
 
 if __name__ == "__main__":
