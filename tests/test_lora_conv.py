@@ -79,3 +79,7 @@ def test_all_linear_covers_the_router_unless_excluded(caplog):
     with caplog.at_level(logging.WARNING):
         apply_lora(tiny_model(), LoraConfig(r=4, target_modules="all-linear"))
     assert "exclude_modules" in caplog.text and "router" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        apply_lora(tiny_model(), LoraConfig(r=4, target_modules="all-linear", exclude_modules=list(ROUTER_TARGETS)))
+    assert "router" not in caplog.text

@@ -12,7 +12,7 @@ it adapts the router too unless `exclude_modules=ROUTER_TARGETS` is passed (`val
 
 from __future__ import annotations
 
-import re
+import copy
 from collections.abc import Sequence
 from typing import Literal
 
@@ -129,25 +129,16 @@ def validate_lora_targets(model: nn.Module, config: LoraConfig) -> None:
 
 
 def _warn_if_all_linear_adapts_the_router(names: list[str], config: LoraConfig) -> None:
-    router = [name for name in names if name.endswith(ROUTER_TARGETS)]
-    if not router:
-        return
-    kept = [name for name in router if not _excluded(config.exclude_modules, name)]
+    # PEFT's own matcher on a copy that targets the router: its exclude_modules / modules_to_save rules apply as is
+    probe = copy.copy(config)
+    probe.target_modules = set(ROUTER_TARGETS)
+    kept = [name for name in names if check_target_module_exists(probe, name)]
     if kept:
         logger.warning(
             f"target_modules='all-linear' puts LoRA on the fp32 attention router too ({len(kept)} Linears such as "
             f"{kept[0]}); the yuan-hf presets keep it frozen. Pass exclude_modules={list(ROUTER_TARGETS)} to leave it "
             "out, or use lora_config('all') (router='lora' to adapt it on purpose)."
         )
-
-
-def _excluded(exclude_modules: str | Sequence[str] | None, name: str) -> bool:
-    """PEFT's `exclude_modules` rule: a regex string matches the whole name; a list entry matches it or a suffix."""
-    if not exclude_modules:
-        return False
-    if isinstance(exclude_modules, str):
-        return re.fullmatch(exclude_modules, name) is not None
-    return any(name == entry or name.endswith("." + entry) for entry in exclude_modules)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
