@@ -7,7 +7,7 @@
 """
 
 from .placement import balanced_placement, contiguous_placement, imbalance, plan_placement, reorder
-from .prune import PrunePlan, count_parameters, plan_pruning, prune_folder, pruned_config, rewrite_experts
+from .prune import PrunePlan, plan_pruning, prune_folder, pruned_config, rewrite_experts
 from .stats import ExpertsError, ExpertStats, LayerCounter, collect_expert_stats
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "balanced_placement",
     "collect_expert_stats",
     "contiguous_placement",
-    "count_parameters",
     "imbalance",
     "plan_placement",
     "plan_pruning",

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from ..modeling import YuanM32Config, YuanM32ForCausalLM
+from ..modeling import YuanM32Config
+from ..hub import TOKENIZER_FILES
+from ..parameters import count_config_parameters
 from .stats import ExpertsError, ExpertStats
 
 EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")
-TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 MASS_TOLERANCE = 1e-9  # cumulative shares are float sums; 0.95 must be reachable by shares that add up to 0.95
 
 
@@ -53,13 +54,6 @@ def parse_param_count(text: str | int) -> int:
     if value <= 0:
         raise ExpertsError(f"parameter count {text!r} must be positive")
     return value
-
-
-def count_parameters(config: YuanM32Config) -> int:
-    """Parameters of the model `config` describes (tied embeddings counted once), built on `meta`: no memory."""
-    with torch.device("meta"):
-        model = YuanM32ForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def expert_parameters(config: YuanM32Config) -> int:
@@ -153,7 +147,7 @@ def _plan_for_budget(stats: ExpertStats, config: YuanM32Config, max_params: int)
     remaining experts (any layer). Every expert costs the same, so the budget is a number of experts."""
     top_k, counts = config.num_experts_per_tok, config.experts_per_layer
     per_expert = expert_parameters(config)
-    fixed = count_parameters(config) - per_expert * sum(counts)  # everything but the experts (router included)
+    fixed = count_config_parameters(config).total - per_expert * sum(counts)  # everything but the experts (router included)
     budget = (max_params - fixed) // per_expert
     smallest = fixed + per_expert * top_k * len(counts)
     if budget < top_k * len(counts):
@@ -342,8 +336,8 @@ def rewrite_experts(
             except ConversionError as err:
                 raise ExpertsError(str(err)) from err
     return RewriteSummary(
-        destination=Path(dst), parameters_before=count_parameters(config),
-        parameters_after=count_parameters(new_config), experts_before=config.experts_per_layer,
+        destination=Path(dst), parameters_before=count_config_parameters(config).total,
+        parameters_after=count_config_parameters(new_config).total, experts_before=config.experts_per_layer,
         experts_after=new_config.experts_per_layer, notes=notes, seconds=time.perf_counter() - started,
     )  # fmt: skip
 

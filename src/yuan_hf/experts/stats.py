@@ -128,9 +128,16 @@ class ExpertStats:
             raise ExpertsError(f"{path} is not a stats.json of `yuan-hf experts stats` (no format {STATS_FORMAT!r})")
         if raw.get("version") != STATS_VERSION:
             raise ExpertsError(f"{path} has stats version {raw.get('version')!r}; this yuan-hf reads {STATS_VERSION}")
+        missing = [key for key in ("model", "data", "layers") if key not in raw]
+        if missing:
+            raise ExpertsError(f"{path} lacks {missing} (edited by hand?); collect it again with `yuan-hf experts stats`")
         stats = cls(model=raw["model"], data=raw["data"], layers=raw["layers"])
         for index, layer in enumerate(stats.layers):
-            if len(layer["routing_mass"]) != layer["num_experts"] or layer["layer"] != index:
+            try:
+                consistent = len(layer["routing_mass"]) == layer["num_experts"] and layer["layer"] == index
+            except (KeyError, TypeError):
+                consistent = False
+            if not consistent:
                 raise ExpertsError(f"{path}: the entry of layer {index} is inconsistent (edited by hand?)")
         return stats
 
@@ -165,12 +172,18 @@ def iter_documents(path: str | os.PathLike, tokenizer: Any) -> Iterator[list[int
     `{"messages": [...]}` (the tokenizer's chat template); the whole sequence is routed, prompt included. Any
     other file is plain text with one document per non-blank line.
     """
-    from ..finetune.data import encode_record
-
     path = Path(path)
     if not path.is_file():
         raise ExpertsError(f"dataset file not found: {path}")
-    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    try:
+        yield from _encode_lines(path, tokenizer, jsonl=path.suffix.lower() in (".jsonl", ".json"))
+    except UnicodeDecodeError as err:
+        raise ExpertsError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from None
+
+
+def _encode_lines(path: Path, tokenizer: Any, *, jsonl: bool) -> Iterator[list[int]]:
+    from ..finetune.data import encode_record
+
     with open(path, encoding="utf-8-sig", errors="strict") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
