@@ -8,34 +8,13 @@ asking for ``trust_remote_code`` and running IEIT's code, which needs transforme
 from __future__ import annotations
 
 import transformers
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    PretrainedConfig,
-)
+from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .modeling import (
-    YuanM32Config,
-    YuanM32ForCausalLM,
-    YuanM32ForQuestionAnswering,
-    YuanM32ForSequenceClassification,
-    YuanM32ForTokenClassification,
-    YuanM32Model,
-)
+from .modeling import YuanM32Config, modeling_yuan_m32
 
-# Auto class -> native class; the same table as `modeling_yuan_m32.AUTO_CLASSES` (which names them for auto_map).
-AUTO_CLASSES = {
-    AutoModel: YuanM32Model,
-    AutoModelForCausalLM: YuanM32ForCausalLM,
-    AutoModelForSequenceClassification: YuanM32ForSequenceClassification,
-    AutoModelForTokenClassification: YuanM32ForTokenClassification,
-    AutoModelForQuestionAnswering: YuanM32ForQuestionAnswering,
-}
+# Auto class -> native class, from the table that also names them in auto_map
+AUTO_CLASSES = {getattr(transformers, auto): getattr(modeling_yuan_m32, name) for auto, name in modeling_yuan_m32.AUTO_CLASSES.items()}
 
 
 class IEITYuanConfig(PretrainedConfig):

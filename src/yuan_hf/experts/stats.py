@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..modeling.modeling_yuan_m32 import top_k_routing
 
 STATS_FORMAT = "yuan-hf expert stats"
 STATS_VERSION = 1
@@ -59,10 +60,7 @@ class LayerCounter:
                 f"router logits have {router_logits.shape[-1]} experts, expected {self.num_experts} for this layer"
             )
         logits = router_logits.detach()[counted.to(router_logits.device)].float().cpu()  # [n, E]
-        probs = F.softmax(logits, dim=-1)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [n, k], as YuanM32Router
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs, weights, chosen = top_k_routing(logits, self.top_k, self.norm_topk_prob)  # as YuanM32Router
         one_hot = torch.zeros_like(probs).scatter_(1, chosen, 1.0)  # [n, E]
         self.tokens += logits.shape[0]
         self.selections += one_hot.sum(0).round().to(torch.int64)

@@ -329,6 +329,7 @@ class YuanM32Router(nn.Module):
         self.num_experts = config.experts_per_layer[layer_idx]
         self.router_width = config.router_num_experts or self.num_experts
         self.expert_ids = None if config.router_experts is None else config.router_experts[layer_idx]
+        self._expert_index: torch.Tensor | None = None  # expert_ids on the logits' device, made once
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
 
@@ -339,12 +340,27 @@ class YuanM32Router(nn.Module):
         """hidden_states: [T, H] -> router_logits [T, E] fp32, weights [T, k] (hidden dtype), expert ids [T, k]."""
         router_logits = self.compute_logits(hidden_states)  # [T, router_width]
         if self.expert_ids is not None:  # [T, router_width] -> [T, E]: the logits of this layer's experts
-            router_logits = router_logits[:, torch.as_tensor(self.expert_ids, device=router_logits.device)]
-        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+            router_logits = router_logits.index_select(-1, self._expert_index_on(router_logits.device))
+        _, top_k_weights, top_k_index = top_k_routing(router_logits, self.top_k, self.norm_topk_prob)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+    def _expert_index_on(self, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a constant of the graph
+            return torch.tensor(self.expert_ids, device=device)
+        if self._expert_index is None or self._expert_index.device != device:  # not per step: a host-to-device copy
+            self._expert_index = torch.tensor(self.expert_ids, device=device)
+        return self._expert_index
+
+
+def top_k_routing(
+    router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`softmax(logits) -> top-k -> renormalise` in fp32: (probs [T, E], weights [T, k], expert ids [T, k])."""
+    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    top_k_weights, top_k_index = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+    return probs, top_k_weights, top_k_index
 
 
 def router_dtype() -> torch.dtype:
