@@ -17,6 +17,8 @@ or by passing an instance: `model.generate(..., cache=YuanM32QuantizedCache(mode
 (`past_key_values=` before transformers 5.24).
 """
 
+import functools
+
 from transformers.cache_utils import (
     Cache,
     HQQQuantizedLayer,
@@ -32,6 +34,7 @@ QUANTIZED_KV_BACKENDS = {
 }
 
 
+@functools.cache  # one class per backend: layers of two caches are of the same type
 def _hybrid_quantized_layer(kv_layer_class: type) -> type:
     """A cache layer class holding a quantized K/V layer of `kv_layer_class` and an unquantized conv state."""
 
